@@ -1,0 +1,25 @@
+"""qatjax: quantization-aware training and post-training calibration for JAX and Flax."""
+
+from qatjax.formats import (
+    FloatFormat,
+    Format,
+    IntFormat,
+    format_from_name,
+    fp8_e4m3,
+    fp8_e5m2,
+    int4,
+    int8,
+    uint4,
+    uint8,
+)
+from qatjax.qparams import (
+    QParams,
+    merge_groups,
+    qparams_from_amax,
+    qparams_from_minmax,
+    reduce_axes,
+    split_groups,
+)
+from qatjax.fake_quant import dequantize, fake_quant, lsq_grad_scale, quantize
+
+__version__ = "0.1.0"

@@ -1,0 +1,269 @@
+"""Quantize, dequantize and fake-quantize, with straight-through estimators.
+
+All three are pure functions of arrays; granularity comes from broadcasting the
+:class:`~qatjax.qparams.QParams` against ``x``. Arithmetic runs in float32
+whatever the input dtype (bfloat16 inputs come back as bfloat16), matching
+torch's CPU kernels bit for bit:
+
+* integer formats: ``q = clip(round_half_even(x * (1/scale)) + zero_point, qmin, qmax)``,
+  ``x_hat = (q - zero_point) * scale``;
+* fp8 formats: ``q = cast_fp8(clip(x / scale, -max, max))`` (round to nearest
+  even, saturating), ``x_hat = float32(q) * scale``.
+
+``fake_quant`` is a ``jax.custom_vjp`` whose backward pass is chosen by ``ste``:
+
+* ``"identity"``: ``d x_hat / d x = 1``;
+* ``"clipped"`` (default): ``1`` where the unclipped code lies in ``[qmin, qmax]``, else 0
+  (torch's mask);
+* ``"lsq"``: Learned Step Size Quantization (Esser et al., 2020): ``x`` as ``"clipped"``;
+  ``d x_hat / d scale = round(x/s) - x/s`` inside the range, ``qmin - zp`` below,
+  ``qmax - zp`` above; ``d x_hat / d zero_point = 0`` inside, ``-scale`` outside
+  (only when the zero point is a float array, i.e. learnable). Both are multiplied
+  by ``grad_scale`` (``"auto"``: ``1 / sqrt(N * qmax)``, N the number of elements
+  sharing one scale).
+
+Only ``"lsq"`` passes gradients to ``scale`` and ``zero_point``; the other
+estimators treat them as constants (zero cotangents).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Literal, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qatjax.formats import Format, as_format
+from qatjax.qparams import QParams
+
+__all__ = ["quantize", "dequantize", "fake_quant", "STE_NAMES", "lsq_grad_scale"]
+
+STE_NAMES = ("identity", "clipped", "lsq")
+
+GradScale = Union[float, Literal["auto"], None]
+
+
+def quantize(x: jax.Array, qp: QParams, fmt: Format) -> jax.Array:
+    """Quantizes ``x`` to codes of ``fmt``.
+
+    Args:
+      x: floating array, any shape.
+      qp: parameters broadcastable against ``x`` (their broadcast must not enlarge ``x``).
+      fmt: target format.
+    Returns:
+      Codes of ``x``'s shape: ``int8`` / ``uint8`` for integer formats (NaN maps to the
+      zero-point code, since integers cannot hold NaN), ``float8_e4m3fn`` /
+      ``float8_e5m2`` for fp8 (NaN stays NaN, finite values saturate to +-max).
+    """
+    fmt = as_format(fmt)
+    x, scale, zero_point = _check_args(x, qp, fmt, "quantize")
+    xf = x.astype(jnp.float32)
+    if fmt.is_float:
+        return _fp8_codes(xf, scale, fmt)
+    code = jnp.clip(_unclipped_code(xf, scale, zero_point), fmt.qmin, fmt.qmax)
+    code = jnp.where(jnp.isnan(code), zero_point, code)
+    return code.astype(fmt.storage_dtype)
+
+
+def dequantize(q: jax.Array, qp: QParams, dtype: jnp.dtype = jnp.float32) -> jax.Array:
+    """Maps codes back to real values: ``x_hat = (float32(q) - zero_point) * scale``.
+
+    Args:
+      q: integer or fp8 codes (from :func:`quantize`), any shape.
+      qp: the parameters they were quantized with.
+      dtype: floating dtype of the result (computed in float32, then cast).
+    """
+    if not isinstance(qp, QParams):
+        raise TypeError(f"dequantize: `qp` must be a QParams, got {type(qp).__name__}.")
+    scale = jnp.asarray(qp.scale, jnp.float32)
+    zero_point = jnp.round(jnp.asarray(qp.zero_point).astype(jnp.float32))
+    q = jnp.asarray(q)
+    _check_broadcast(q.shape, scale.shape, "qp.scale", "dequantize")
+    _check_broadcast(q.shape, zero_point.shape, "qp.zero_point", "dequantize")
+    return ((q.astype(jnp.float32) - zero_point) * scale).astype(dtype)
+
+
+def fake_quant(
+    x: jax.Array,
+    qp: QParams,
+    fmt: Format,
+    *,
+    ste: str = "clipped",
+    grad_scale: GradScale = None,
+) -> jax.Array:
+    """Quantizes and dequantizes ``x`` in one step, differentiably.
+
+    Args:
+      x: floating array (float32, bfloat16, float16...), any shape.
+      qp: parameters broadcastable against ``x``; for ``ste="lsq"`` they receive
+        gradients (the zero point only when it is a float array).
+      fmt: target format.
+      ste: straight-through estimator, one of ``"identity"``, ``"clipped"``, ``"lsq"``.
+      grad_scale: LSQ only: factor on the scale and zero-point gradients; ``"auto"``
+        uses ``1 / sqrt(N * qmax)`` with ``N = x.size // scale.size``.
+    Returns:
+      ``x_hat`` with ``x``'s shape and dtype. NaN inputs give NaN.
+    """
+    fmt = as_format(fmt)
+    if ste not in STE_NAMES:
+        raise ValueError(f"fake_quant: `ste` must be one of {STE_NAMES}, got {ste!r}.")
+    x, scale, zero_point = _check_args(x, qp, fmt, "fake_quant")
+    if grad_scale is not None and ste != "lsq":
+        raise ValueError("fake_quant: `grad_scale` only applies to ste='lsq'.")
+    if grad_scale == "auto":
+        grad_scale = lsq_grad_scale(x.size // max(scale.size, 1), fmt)
+    elif grad_scale is None:
+        grad_scale = 1.0
+    elif not isinstance(grad_scale, (float, int)) or not grad_scale > 0:
+        raise ValueError(
+            f"fake_quant: `grad_scale` must be a positive float, 'auto' or None, got {grad_scale!r}."
+        )
+    return _fake_quant(fmt, ste, float(grad_scale), x, scale, zero_point)
+
+
+def lsq_grad_scale(num_elements: int, fmt: Format) -> float:
+    """LSQ's gradient scale ``1 / sqrt(num_elements * qmax)``.
+
+    ``num_elements`` is the number of values that share one scale (for a
+    per-channel weight, the elements of one channel; for activations, the
+    features of one example, as in the paper).
+    """
+    fmt = as_format(fmt)
+    return 1.0 / math.sqrt(max(int(num_elements), 1) * float(fmt.qmax))
+
+
+# ----------------------------------------------------------------------------- internals
+
+
+def _unclipped_code(xf: jax.Array, scale: jax.Array, zero_point: jax.Array) -> jax.Array:
+    """``round_half_even(x * (1/scale)) + round_half_even(zero_point)`` in float32 (torch's order)."""
+    inv_scale = jnp.float32(1.0) / scale
+    return jnp.round(xf * inv_scale) + jnp.round(zero_point.astype(jnp.float32))
+
+
+def _fp8_codes(xf: jax.Array, scale: jax.Array, fmt: Format) -> jax.Array:
+    """Saturating round-to-nearest-even cast of ``x / scale``; NaN stays NaN."""
+    return jnp.clip(xf / scale, -fmt.max, fmt.max).astype(fmt.storage_dtype)
+
+
+def _fake_quant_value(fmt: Format, xf: jax.Array, scale: jax.Array, zero_point: jax.Array):
+    """Returns ``(x_hat, v, in_range)`` in float32, where ``v`` is the unclipped code
+    (``x/scale`` for fp8) and ``in_range`` the STE mask."""
+    if fmt.is_float:
+        v = xf / scale
+        x_hat = _fp8_codes(xf, scale, fmt).astype(jnp.float32) * scale
+        return x_hat, v, jnp.abs(v) <= fmt.max
+    zp = jnp.round(zero_point.astype(jnp.float32))
+    v = _unclipped_code(xf, scale, zero_point)
+    x_hat = (jnp.clip(v, fmt.qmin, fmt.qmax) - zp) * scale
+    return x_hat, v, (v >= fmt.qmin) & (v <= fmt.qmax)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _fake_quant(fmt, ste, grad_scale, x, scale, zero_point):
+    x_hat, _, _ = _fake_quant_value(fmt, x.astype(jnp.float32), scale, zero_point)
+    return x_hat.astype(x.dtype)
+
+
+def _fake_quant_fwd(fmt, ste, grad_scale, x, scale, zero_point):
+    x_hat, _, in_range = _fake_quant_value(fmt, x.astype(jnp.float32), scale, zero_point)
+    if ste == "identity":
+        res = (None, scale, zero_point)
+    elif ste == "clipped":
+        res = (in_range, scale, zero_point)
+    else:
+        res = (x, scale, zero_point)
+    return x_hat.astype(x.dtype), res
+
+
+def _fake_quant_bwd(fmt, ste, grad_scale, res, g):
+    saved, scale, zero_point = res
+    zp_cotangent = _zero_cotangent(zero_point)
+    scale_cotangent = jnp.zeros_like(scale)
+    if ste == "identity":
+        return g, scale_cotangent, zp_cotangent
+    if ste == "clipped":
+        return jnp.where(saved, g, jnp.zeros_like(g)), scale_cotangent, zp_cotangent
+    x = saved
+    xf = x.astype(jnp.float32)
+    gf = g.astype(jnp.float32)
+    x_hat, v, in_range = _fake_quant_value(fmt, xf, scale, zero_point)
+    if fmt.is_float:
+        lo_grad, hi_grad, zp = -fmt.max, fmt.max, 0.0
+    else:
+        zp = jnp.round(zero_point.astype(jnp.float32))
+        lo_grad, hi_grad = fmt.qmin - zp, fmt.qmax - zp
+    below = v < fmt.qmin
+    above = v > fmt.qmax
+    inside_grad = (x_hat - xf) / scale  # round(x/s) - x/s
+    d_scale = jnp.where(below, lo_grad, jnp.where(above, hi_grad, inside_grad))
+    g_x = jnp.where(in_range, g, jnp.zeros_like(g))
+    g_scale = _sum_to_shape(gf * d_scale, scale.shape) * grad_scale
+    if jnp.issubdtype(zero_point.dtype, jnp.floating) and not fmt.is_float:
+        d_zp = jnp.where(in_range, 0.0, -scale)
+        g_zp = (_sum_to_shape(gf * d_zp, zero_point.shape) * grad_scale).astype(zero_point.dtype)
+    else:
+        g_zp = zp_cotangent
+    return g_x, g_scale.astype(scale.dtype), g_zp
+
+
+_fake_quant.defvjp(_fake_quant_fwd, _fake_quant_bwd)
+
+
+def _zero_cotangent(a: jax.Array):
+    if jnp.issubdtype(a.dtype, jnp.floating):
+        return jnp.zeros_like(a)
+    return np.zeros(a.shape, dtype=jax.dtypes.float0)
+
+
+def _sum_to_shape(t: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Sums ``t`` over the axes that broadcasting added to an array of ``shape``."""
+    lead = t.ndim - len(shape)
+    axes = tuple(range(lead)) + tuple(
+        lead + i for i, n in enumerate(shape) if n == 1 and t.shape[lead + i] != 1
+    )
+    return jnp.sum(t, axis=axes).reshape(shape) if axes else t.reshape(shape)
+
+
+def _check_broadcast(x_shape, p_shape, argname: str, fn: str) -> None:
+    try:
+        out = jnp.broadcast_shapes(tuple(x_shape), tuple(p_shape))
+    except ValueError:
+        out = None
+    if out != tuple(x_shape):
+        raise ValueError(
+            f"{fn}: `{argname}` of shape {tuple(p_shape)} does not broadcast against x of shape "
+            f"{tuple(x_shape)} (expected size 1 or the matching size on each axis, and no more axes "
+            "than x)."
+        )
+
+
+def _check_args(x, qp, fmt: Format, fn: str):
+    """Validates the arguments at trace time; returns ``(x, scale_f32, zero_point)``."""
+    if not isinstance(qp, QParams):
+        raise TypeError(f"{fn}: `qp` must be a qatjax.QParams, got {type(qp).__name__}.")
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{fn}: `x` must be a floating array, got dtype {x.dtype}.")
+    scale = jnp.asarray(qp.scale)
+    zero_point = jnp.asarray(qp.zero_point)
+    if not jnp.issubdtype(scale.dtype, jnp.floating):
+        raise TypeError(f"{fn}: `qp.scale` must be a floating array, got dtype {scale.dtype}.")
+    scale = scale.astype(jnp.float32)
+    _check_broadcast(x.shape, scale.shape, "qp.scale", fn)
+    _check_broadcast(x.shape, zero_point.shape, "qp.zero_point", fn)
+    if not isinstance(scale, jax.core.Tracer):
+        s = np.asarray(scale)
+        if not np.all(s > 0):
+            raise ValueError(
+                f"{fn}: `qp.scale` must be positive and finite; got min {np.nanmin(s) if s.size else s}."
+            )
+        if not np.all(np.isfinite(s)):
+            raise ValueError(f"{fn}: `qp.scale` must be finite.")
+    if fmt.is_float and not isinstance(zero_point, jax.core.Tracer):
+        if np.any(np.asarray(zero_point) != 0):
+            raise ValueError(f"{fn}: fp8 formats take `qp.zero_point` = 0.")
+    return x, scale, zero_point

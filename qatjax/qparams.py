@@ -1,0 +1,154 @@
+"""Quantization parameters (scale, zero point) and how to build them from a range.
+
+Granularity is broadcasting: a :class:`QParams` whose arrays broadcast against
+``x`` describes per-tensor (scalars), per-channel (keepdims shape, size 1 except
+on the channel axis) or per-group quantization (see :func:`split_groups`).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qatjax.formats import Format, as_format
+
+__all__ = [
+    "QParams",
+    "SCALE_EPS",
+    "qparams_from_minmax",
+    "qparams_from_amax",
+    "reduce_axes",
+    "split_groups",
+    "merge_groups",
+]
+
+#: Smallest scale ever produced: float32 machine epsilon, as torch.ao observers use.
+SCALE_EPS = float(np.finfo(np.float32).eps)
+
+
+class QParams(NamedTuple):
+    """Scale and zero point of an affine quantizer: ``x ~ (q - zero_point) * scale``.
+
+    Attributes:
+      scale: positive float32 array broadcastable against the quantized tensor.
+      zero_point: array of the same shape as ``scale``; int32 for integer formats
+        built here, float when learned (it is rounded half-to-even before use);
+        always 0 for fp8 formats.
+    """
+
+    scale: jax.Array
+    zero_point: jax.Array
+
+
+def qparams_from_amax(amax: jax.typing.ArrayLike, fmt: Format) -> QParams:
+    """Symmetric parameters from an absolute range: ``scale = max(amax / qmax, eps)``, zero point 0.
+
+    ``amax`` maps exactly to ``qmax`` (TensorRT, AQT and Qwix convention; torch
+    divides by ``(qmax - qmin) / 2`` instead). For fp8, ``qmax`` is ``fmt.max``.
+    For unsigned integer formats the zero point is 0 too (NVIDIA's unsigned
+    convention), so negative values saturate to 0.
+
+    Args:
+      amax: non-negative array of any shape (scalar for per-tensor).
+      fmt: the target format.
+    Returns:
+      ``QParams`` with float32 ``scale`` and int32 ``zero_point`` of ``amax``'s shape.
+    """
+    fmt = as_format(fmt)
+    amax = jnp.abs(jnp.asarray(amax, jnp.float32))
+    scale = jnp.maximum(amax / jnp.float32(fmt.qmax), jnp.float32(SCALE_EPS))
+    return QParams(scale, jnp.zeros(scale.shape, jnp.int32))
+
+
+def qparams_from_minmax(
+    lo: jax.typing.ArrayLike,
+    hi: jax.typing.ArrayLike,
+    fmt: Format,
+    *,
+    symmetric: bool = True,
+) -> QParams:
+    """Parameters that cover ``[lo, hi]``, computed exactly as torch.ao observers do.
+
+    The range is first widened to contain 0 (``lo = min(lo, 0)``, ``hi = max(hi, 0)``)
+    so that 0.0 is exactly representable. Then, in float32:
+
+    * symmetric (and always for fp8): ``scale = max(max(|lo|, |hi|) / qmax, eps)``, zero point 0;
+    * affine: ``scale = max((hi - lo) / (qmax - qmin), eps)`` and
+      ``zero_point = clip(qmin - round_half_even(lo / scale), qmin, qmax)``.
+
+    ``eps`` is float32 machine epsilon, so a constant or all-zero input still gets
+    a valid positive scale.
+
+    Args:
+      lo, hi: float arrays of the same shape (scalars for per-tensor, keepdims
+        shapes for per-channel or per-group).
+      fmt: the target format.
+      symmetric: symmetric (zero point 0) or affine parameters. fp8 formats are
+        always symmetric.
+    Returns:
+      ``QParams`` with float32 ``scale`` and int32 ``zero_point`` of the broadcast shape.
+    """
+    fmt = as_format(fmt)
+    lo = jnp.asarray(lo, jnp.float32)
+    hi = jnp.asarray(hi, jnp.float32)
+    lo = jnp.minimum(lo, 0.0)
+    hi = jnp.maximum(hi, 0.0)
+    if symmetric or fmt.is_float:
+        return qparams_from_amax(jnp.maximum(-lo, hi), fmt)
+    qmin, qmax = float(fmt.qmin), float(fmt.qmax)
+    scale = jnp.maximum((hi - lo) / jnp.float32(qmax - qmin), jnp.float32(SCALE_EPS))
+    zero_point = jnp.clip(jnp.float32(qmin) - jnp.round(lo / scale), qmin, qmax)
+    return QParams(scale, zero_point.astype(jnp.int32))
+
+
+def reduce_axes(ndim: int, keep_axes: int | Sequence[int] | None) -> tuple[int, ...]:
+    """The axes to reduce over so that only ``keep_axes`` (the channel axes) remain.
+
+    ``keep_axes=None`` means per-tensor (reduce everything). Negative axes are
+    allowed. Raises a ValueError naming ``keep_axes`` if an axis is out of range.
+    """
+    if keep_axes is None:
+        return tuple(range(ndim))
+    if isinstance(keep_axes, (int, np.integer)):
+        keep_axes = (int(keep_axes),)
+    keep = set()
+    for a in keep_axes:
+        if not -ndim <= a < ndim:
+            raise ValueError(f"`keep_axes` entry {a} is out of range for an array of rank {ndim}.")
+        keep.add(a % ndim)
+    return tuple(i for i in range(ndim) if i not in keep)
+
+
+def split_groups(x: jax.Array, axis: int, group_size: int) -> jax.Array:
+    """Splits ``axis`` of length ``n`` into ``(n // group_size, group_size)``.
+
+    Per-group quantization then reduces over the new ``axis + 1`` (the group
+    members) with keepdims, so the parameters have shape ``(..., n // g, 1, ...)``
+    and broadcast against the split array. :func:`merge_groups` undoes the split.
+
+    Raises:
+      ValueError: if ``group_size`` does not divide the axis length.
+    """
+    axis = _normalize_axis(axis, x.ndim, "axis")
+    n = x.shape[axis]
+    if not isinstance(group_size, (int, np.integer)) or group_size <= 0 or n % group_size:
+        raise ValueError(
+            f"`group_size` must be a positive divisor of the axis length {n} (axis {axis}), "
+            f"got {group_size!r}."
+        )
+    return x.reshape(x.shape[:axis] + (n // group_size, group_size) + x.shape[axis + 1:])
+
+
+def merge_groups(x: jax.Array, axis: int) -> jax.Array:
+    """Merges axes ``axis`` and ``axis + 1`` back into one (inverse of :func:`split_groups`)."""
+    axis = _normalize_axis(axis, x.ndim - 1, "axis")
+    return x.reshape(x.shape[:axis] + (x.shape[axis] * x.shape[axis + 1],) + x.shape[axis + 2:])
+
+
+def _normalize_axis(axis: int, ndim: int, argname: str) -> int:
+    if not isinstance(axis, (int, np.integer)) or not -ndim <= axis < ndim:
+        raise ValueError(f"`{argname}` must be an int in [-{ndim}, {ndim}), got {axis!r}.")
+    return int(axis) % ndim

@@ -1,0 +1,20 @@
+"""Test configuration: 8 forced CPU devices for the multi-device tests.
+
+The flag must be set before jax starts its backend, which is why it lives here,
+the first file pytest imports.
+"""
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+
+import jax  # noqa: E402
+
+try:
+    jax.config.update("jax_num_cpu_devices", 8)
+except (AttributeError, RuntimeError):  # older jax: the XLA flag above does it
+    pass
+
+jax.config.update("jax_enable_x64", False)
