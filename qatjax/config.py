@@ -1,0 +1,200 @@
+"""``QatConfig``: what a quantized layer does, as a frozen, hashable dataclass.
+
+A config is static: it can be a Flax module attribute and a ``jax.jit`` static
+argument. Load one from a dict or a YAML file with :meth:`QatConfig.from_dict` /
+:meth:`QatConfig.from_yaml`; unknown keys and bad values raise a ValueError that
+names them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Mapping
+
+import yaml
+
+from qatjax.fake_quant import STE_NAMES
+from qatjax.formats import Format, as_format
+
+__all__ = ["QatConfig", "GRANULARITIES", "OBSERVERS", "ESTIMATORS", "FP8_SCALINGS"]
+
+GRANULARITIES = ("per_tensor", "per_channel", "per_group")
+OBSERVERS = ("minmax", "moving_average_minmax", "histogram")
+ESTIMATORS = ("minmax", "percentile", "entropy", "mse")
+ACTIVATION_SCALINGS = ("static", "dynamic")
+FP8_SCALINGS = ("current", "delayed")
+AMAX_ALGOS = ("max", "most_recent")
+
+
+@dataclasses.dataclass(frozen=True)
+class QatConfig:
+    """Quantization recipe of a layer.
+
+    Attributes:
+      weight_format: format of the kernel (``None``: float kernel). Strings such as
+        ``"int8"`` or ``"fp8_e4m3"`` are accepted and converted.
+      activation_format: format of the layer input (``None``: weight-only quantization).
+      weight_granularity: ``"per_tensor"``, ``"per_channel"`` (one scale per output
+        feature) or ``"per_group"`` (blocks of ``weight_group_size`` input features,
+        per output feature).
+      weight_group_size: block size along the contraction axis for ``"per_group"``.
+      weight_symmetric: symmetric (zero point 0) or affine weights.
+      activation_symmetric: symmetric or affine activations (affine suits ``uint8``).
+      activation_scaling: ``"static"`` (scales from calibration, frozen in
+        ``quant_params`` or learned with LSQ) or ``"dynamic"`` (per-tensor absmax of
+        each batch, no calibration needed).
+      activation_observer: ``"minmax"``, ``"moving_average_minmax"`` or ``"histogram"``.
+      activation_estimator: ``"minmax"``, ``"percentile"``, ``"entropy"`` or ``"mse"``
+        (the last three need the histogram observer).
+      percentile: the percentile used by the ``"percentile"`` estimator.
+      num_bins: histogram bins.
+      ema_momentum: momentum of the moving-average observer (torch's ``averaging_constant``).
+      ste: straight-through estimator, ``"identity"``, ``"clipped"`` or ``"lsq"``.
+      learnable_scales: LSQ: scales (and affine zero points) live in ``params`` and are
+        trained; implies ``ste="lsq"``.
+      lsq_grad_scale: apply LSQ's gradient scale ``1/sqrt(N * qmax)``.
+      fp8_scaling: for fp8 formats, ``"current"`` (amax of the tensor now) or
+        ``"delayed"`` (amax history, Transformer Engine style).
+      fp8_grad_format: format of the output gradient in the backward pass for fp8
+        training (``"fp8_e5m2"``), or ``None`` to keep gradients in float.
+      amax_history_len: length of the delayed-scaling amax history.
+      amax_compute_algo: ``"max"`` (max of the history) or ``"most_recent"``.
+      fp8_margin: delayed scaling margin ``m``: ``scale = amax / fp8_max * 2**m``.
+    """
+
+    weight_format: Format | None = "int8"
+    activation_format: Format | None = "int8"
+    weight_granularity: str = "per_channel"
+    weight_group_size: int | None = None
+    weight_symmetric: bool = True
+    activation_symmetric: bool = True
+    activation_scaling: str = "static"
+    activation_observer: str = "histogram"
+    activation_estimator: str = "entropy"
+    percentile: float = 99.99
+    num_bins: int = 2048
+    ema_momentum: float = 0.01
+    ste: str = "clipped"
+    learnable_scales: bool = False
+    lsq_grad_scale: bool = True
+    fp8_scaling: str = "delayed"
+    fp8_grad_format: Format | None = "fp8_e5m2"
+    amax_history_len: int = 16
+    amax_compute_algo: str = "max"
+    fp8_margin: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("weight_format", "activation_format", "fp8_grad_format"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, as_format(value, name))
+        _check_choice("weight_granularity", self.weight_granularity, GRANULARITIES)
+        _check_choice("activation_scaling", self.activation_scaling, ACTIVATION_SCALINGS)
+        _check_choice("activation_observer", self.activation_observer, OBSERVERS)
+        _check_choice("activation_estimator", self.activation_estimator, ESTIMATORS)
+        _check_choice("ste", self.ste, STE_NAMES)
+        _check_choice("fp8_scaling", self.fp8_scaling, FP8_SCALINGS)
+        _check_choice("amax_compute_algo", self.amax_compute_algo, AMAX_ALGOS)
+        for name in ("weight_symmetric", "activation_symmetric", "learnable_scales",
+                     "lsq_grad_scale"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"QatConfig: `{name}` must be true or false, got {getattr(self, name)!r}.")
+        if self.weight_granularity == "per_group":
+            if not isinstance(self.weight_group_size, int) or self.weight_group_size <= 0:
+                raise ValueError(
+                    "QatConfig: `weight_group_size` must be a positive int when "
+                    f"weight_granularity='per_group', got {self.weight_group_size!r}."
+                )
+        elif self.weight_group_size is not None:
+            raise ValueError("QatConfig: `weight_group_size` is only used with weight_granularity='per_group'.")
+        if (self.activation_observer != "histogram"
+                and self.activation_estimator in ("percentile", "entropy", "mse")):
+            raise ValueError(
+                f"QatConfig: activation_estimator={self.activation_estimator!r} needs "
+                "activation_observer='histogram'."
+            )
+        if not 0.0 < float(self.percentile) <= 100.0:
+            raise ValueError(f"QatConfig: `percentile` must be in (0, 100], got {self.percentile!r}.")
+        if not isinstance(self.num_bins, int) or self.num_bins < 16 or self.num_bins % 2:
+            raise ValueError(f"QatConfig: `num_bins` must be an even int >= 16, got {self.num_bins!r}.")
+        if not 0.0 < float(self.ema_momentum) <= 1.0:
+            raise ValueError(f"QatConfig: `ema_momentum` must be in (0, 1], got {self.ema_momentum!r}.")
+        if not isinstance(self.amax_history_len, int) or self.amax_history_len < 1:
+            raise ValueError(f"QatConfig: `amax_history_len` must be an int >= 1, got {self.amax_history_len!r}.")
+        if not isinstance(self.fp8_margin, int):
+            raise ValueError(f"QatConfig: `fp8_margin` must be an int, got {self.fp8_margin!r}.")
+        if self.learnable_scales and self.ste != "lsq":
+            object.__setattr__(self, "ste", "lsq")
+        if self.learnable_scales and self.activation_format is not None and self.activation_scaling == "dynamic":
+            raise ValueError("QatConfig: learnable_scales needs activation_scaling='static'.")
+        if self.weight_format is None and self.activation_format is None:
+            raise ValueError("QatConfig: at least one of `weight_format`, `activation_format` must be set.")
+        for name in ("weight_format", "activation_format"):
+            fmt = getattr(self, name)
+            symmetric = getattr(self, name.replace("format", "symmetric"))
+            if fmt is not None and fmt.is_float and not symmetric:
+                raise ValueError(f"QatConfig: fp8 `{name}` must be symmetric.")
+        if self.fp8_grad_format is not None and not self.fp8_grad_format.is_float:
+            raise ValueError("QatConfig: `fp8_grad_format` must be an fp8 format or None.")
+
+    @property
+    def integer_matmul(self) -> bool:
+        """True when both operands are integer formats: the forward runs int8 x int8 -> int32."""
+        return (self.weight_format is not None and self.activation_format is not None
+                and not self.weight_format.is_float and not self.activation_format.is_float)
+
+    @property
+    def fp8_matmul(self) -> bool:
+        """True when both operands are fp8 formats: the forward runs an fp8 dot_general."""
+        return (self.weight_format is not None and self.activation_format is not None
+                and self.weight_format.is_float and self.activation_format.is_float)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (formats as names), the inverse of :meth:`from_dict`."""
+        out = dataclasses.asdict(self)
+        for name in ("weight_format", "activation_format", "fp8_grad_format"):
+            fmt = getattr(self, name)
+            out[name] = None if fmt is None else fmt.name
+        return out
+
+    def replace(self, **changes: Any) -> "QatConfig":
+        """A copy with ``changes`` applied (validated like the constructor)."""
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "QatConfig":
+        """Builds a config from a mapping; unknown keys raise a ValueError naming them."""
+        if not isinstance(d, Mapping):
+            raise ValueError(f"QatConfig.from_dict expects a mapping, got {type(d).__name__}.")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(
+                f"QatConfig: unknown key(s) {unknown}; known keys are {sorted(known)}."
+            )
+        return cls(**dict(d))
+
+    @classmethod
+    def from_yaml(cls, path_or_text: str | os.PathLike) -> "QatConfig":
+        """Loads a config from a YAML file path (or YAML text containing a mapping).
+
+        A top-level ``quant:`` mapping is used if present, so a recipe file can also
+        carry other sections (for example ``train:`` for the examples).
+        """
+        text = str(path_or_text)
+        if os.path.exists(text):
+            with open(text, encoding="utf-8") as f:
+                data = yaml.safe_load(f)
+        elif "\n" in text or ":" in text:
+            data = yaml.safe_load(text)
+        else:
+            raise FileNotFoundError(f"QatConfig.from_yaml: no such file: {text!r}.")
+        if isinstance(data, Mapping) and "quant" in data:
+            data = data["quant"]
+        return cls.from_dict(data or {})
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"QatConfig: `{name}` must be one of {choices}, got {value!r}.")
