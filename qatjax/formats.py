@@ -34,6 +34,8 @@ __all__ = [
     "fp8_e4m3",
     "fp8_e5m2",
     "format_from_name",
+    "format_code",
+    "format_from_code",
 ]
 
 
@@ -180,3 +182,32 @@ def as_format(fmt: object, argname: str = "fmt") -> Format:
         f"`{argname}` must be a qatjax format (IntFormat, FloatFormat or a name such as "
         f"'int8'), got {fmt!r}."
     )
+
+
+def format_code(fmt: Format | None) -> int:
+    """A small int naming a format, so that variables can describe themselves.
+
+    ``bits`` for signed integers, ``100 + bits`` for unsigned, 243 for fp8_e4m3,
+    252 for fp8_e5m2, 0 for ``None`` (float).
+    """
+    if fmt is None:
+        return 0
+    if fmt.is_float:
+        return 243 if fmt.variant == "e4m3" else 252
+    return fmt.bits + (0 if fmt.signed else 100)
+
+
+def format_from_code(code: int) -> Format | None:
+    """Inverse of :func:`format_code`."""
+    code = int(code)
+    if code == 0:
+        return None
+    if code == 243:
+        return fp8_e4m3
+    if code == 252:
+        return fp8_e5m2
+    if 2 <= code <= 8:
+        return IntFormat(code, True)
+    if 102 <= code <= 108:
+        return IntFormat(code - 100, False)
+    raise ValueError(f"unknown format code {code}.")

@@ -30,7 +30,14 @@ from qatjax.formats import Format
 from qatjax.integer import check_contraction, fp8_matmul, int_matmul, signed_codes
 from qatjax.qparams import QParams, merge_groups, split_groups
 
-__all__ = ["DotSpec", "quantized_dot", "dot_from_codes", "reference_dot", "quantize_weight"]
+__all__ = [
+    "DotSpec",
+    "ConvSpec",
+    "quantized_dot",
+    "dot_from_codes",
+    "reference_dot",
+    "quantize_weight",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +73,30 @@ class DotSpec:
         return None
 
 
+@dataclasses.dataclass(frozen=True)
+class ConvSpec(DotSpec):
+    """A quantized convolution: the weight is ``[*window, C_in / groups, C_out]`` (HWIO) and
+    the input is already padded (``"VALID"`` convolution), so padded positions hold real
+    zeros, whose code is the zero point: every window then needs the same closed-form
+    correction ``- za * sum(window of b)``. Weights must be symmetric (``zb = 0``).
+
+    Attributes (beyond :class:`DotSpec`): ``strides``, ``rhs_dilation``,
+    ``feature_group_count``, ``dimension_numbers`` as for ``lax.conv_general_dilated``.
+    """
+
+    strides: tuple[int, ...] = ()
+    rhs_dilation: tuple[int, ...] = ()
+    feature_group_count: int = 1
+    dimension_numbers: tuple[str, str, str] | None = None
+
+    def conv(self, lhs, rhs, preferred_element_type=None, precision=None):
+        return lax.conv_general_dilated(
+            lhs, rhs, self.strides, "VALID", rhs_dilation=self.rhs_dilation,
+            dimension_numbers=self.dimension_numbers,
+            feature_group_count=self.feature_group_count,
+            precision=precision, preferred_element_type=preferred_element_type)
+
+
 def _grouped(a: jax.Array, spec: DotSpec) -> jax.Array:
     return a if spec.group_size is None else split_groups(a, a.ndim - 1, spec.group_size)
 
@@ -82,6 +113,8 @@ def reference_dot(x: jax.Array, w_t: jax.Array, x_qp: QParams | None, w_qp: QPar
     """Float fake-quant reference: ``fake_quant(x) @ fake_quant(w_t).T``, float32 ``[..., N]``."""
     x_hat = _fq(x.astype(jnp.float32), x_qp, spec.x_format, spec, spec.x_grad_scale)
     w_hat = _fq(_grouped(w_t.astype(jnp.float32), spec), w_qp, spec.w_format, spec, spec.w_grad_scale)
+    if isinstance(spec, ConvSpec):
+        return spec.conv(x_hat, w_hat, jnp.float32, lax.Precision.HIGHEST)
     if spec.group_size is not None:
         w_hat = merge_groups(w_hat, w_hat.ndim - 2)
     dims = (((x.ndim - 1,), (1,)), ((), ()))
@@ -103,6 +136,8 @@ def dot_from_codes(qx: jax.Array, qw: jax.Array, x_qp: QParams, w_qp: QParams,
       qx: activation codes ``[..., K]``; qw: weight codes ``[N, K]``.
       x_qp: per-tensor activation parameters; w_qp: weight parameters (see module doc).
     """
+    if isinstance(spec, ConvSpec):
+        return _conv_from_codes(qx, qw, x_qp, w_qp, spec)
     grouped = spec.group_size is not None
     qx, qw = _grouped(qx, spec), _grouped(qw, spec)
     w_scale = jnp.asarray(w_qp.scale, jnp.float32)
@@ -123,6 +158,24 @@ def dot_from_codes(qx: jax.Array, qw: jax.Array, x_qp: QParams, w_qp: QParams,
     w_scale = jnp.broadcast_to(w_scale, (qw.shape[0], qw.shape[1]))
     w_scale = w_scale.T.reshape((w_scale.shape[1],) + (1,) * (acc.ndim - 2) + (w_scale.shape[0],))
     return jnp.sum(acc * (x_scale * w_scale), axis=0)
+
+
+def _conv_from_codes(qx, qw, x_qp, w_qp, spec: ConvSpec) -> jax.Array:
+    """Integer / fp8 convolution on codes; weight scales are per output channel (last axis)."""
+    w_scale = jnp.asarray(w_qp.scale, jnp.float32).reshape(-1)  # [C_out] or [1]
+    x_scale = jnp.asarray(x_qp.scale, jnp.float32)
+    if spec.native == "fp8":
+        return spec.conv(qx, qw, jnp.float32) * (x_scale * w_scale)
+    window = 1
+    for n in qw.shape[:-1]:
+        window *= n
+    check_contraction(window, spec.x_format, spec.w_format,
+                      lhs_symmetric=spec.x_symmetric, rhs_symmetric=True)
+    a, za = signed_codes(qx, x_qp.zero_point, spec.x_format)
+    b = qw.astype(jnp.int8)
+    acc = spec.conv(a, b, jnp.int32)
+    colsum = jnp.sum(b, axis=tuple(range(b.ndim - 1)), dtype=jnp.int32)  # [C_out]
+    return (acc - za * colsum).astype(jnp.float32) * (x_scale * w_scale)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -147,7 +200,8 @@ _native_dot.defvjp(_native_dot_fwd, _native_dot_bwd)
 
 def quantized_dot(x: jax.Array, w_t: jax.Array, x_qp: QParams | None, w_qp: QParams | None,
                   spec: DotSpec) -> jax.Array:
-    """``x @ w_t.T`` with quantized operands; differentiable through the STE.
+    """``x @ w_t.T`` (or, with a :class:`ConvSpec`, the convolution of the padded ``x`` with
+    the HWIO weight ``w_t``) with quantized operands; differentiable through the STE.
 
     Args:
       x: float activations ``[..., K]``.
@@ -159,7 +213,7 @@ def quantized_dot(x: jax.Array, w_t: jax.Array, x_qp: QParams | None, w_qp: QPar
       integer (fp8) matmul, bit-identical to :func:`dot_from_codes` on stored codes; the
       backward pass is the STE gradient of :func:`reference_dot`.
     """
-    if x.shape[-1] != w_t.shape[-1]:
+    if not isinstance(spec, ConvSpec) and x.shape[-1] != w_t.shape[-1]:
         raise ValueError(
             f"quantized_dot: x has {x.shape[-1]} input features but the weight expects {w_t.shape[-1]}."
         )

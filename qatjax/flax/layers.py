@@ -1,0 +1,462 @@
+"""``QatDense`` and ``QatConv``: drop-ins for ``nn.Dense`` / ``nn.Conv`` that quantize.
+
+Same attributes and parameter names (``kernel``, ``bias``) as the Flax layers, so a
+float checkpoint loads unchanged, plus ``config`` (a :class:`~qatjax.QatConfig`),
+``mode`` and ``axis_name``.
+
+Modes, chosen per call (``layer(x, mode=...)``, the ``mode`` attribute, or
+:func:`quant_mode` around a traced function, in decreasing precedence):
+
+* ``"float"``: exactly ``nn.Dense`` / ``nn.Conv``.
+* ``"calibrate"``: float output; the activation observer in ``quant_stats`` sees the
+  input (reduced across ``axis_name`` when given, so every replica holds the global
+  statistics). Make ``quant_stats`` mutable.
+* ``"train"``: quantization-aware training. With two integer (or fp8) operands the
+  forward pass runs the real int8 x int8 -> int32 (fp8) matmul, the backward the STE.
+* ``"infer"``: the integer serving path, on stored codes when the variables were
+  converted (:func:`qatjax.convert`), else on codes computed from the float kernel.
+  Its output equals train mode's bit for bit.
+
+Variables:
+
+* ``params``: ``kernel``, ``bias``; with LSQ (``learnable_scales``) also
+  ``kernel_scale`` (and ``kernel_zero_point`` for affine weights), ``input_scale``
+  (and ``input_zero_point`` for affine activations).
+* ``quant_stats``: ``input``, the activation observer state.
+* ``quant_params``: ``kernel_spec`` / ``input_spec`` (int32 descriptors of the formats,
+  written at init so variables describe themselves), ``input_scale`` and
+  ``input_zero_point`` once calibrated, and after :func:`qatjax.convert` the
+  ``kernel_codes`` with ``kernel_scale`` / ``kernel_zero_point``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Any, Iterator
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from qatjax import calibration
+from qatjax.config import QatConfig
+from qatjax.fake_quant import fake_quant, lsq_grad_scale, quantize
+from qatjax.flax import specs
+from qatjax.qdot import (ConvSpec, DotSpec, dot_from_codes, quantize_weight, quantized_dot,
+                         reference_dot)
+from qatjax.qparams import QParams, qparams_from_amax, qparams_from_minmax, split_groups
+
+__all__ = ["QatDense", "QatConv", "MODES", "quant_mode"]
+
+MODES = ("float", "calibrate", "train", "infer")
+# Internal: the pass of qatjax.calibrate that turns statistics into quant_params.
+_FINALIZE = "finalize"
+
+_forced_mode: contextvars.ContextVar[str | None] = contextvars.ContextVar("qatjax_mode", default=None)
+
+
+@contextlib.contextmanager
+def quant_mode(mode: str) -> Iterator[None]:
+    """Forces ``mode`` on every qatjax layer called (traced) inside the block.
+
+    Use it inside the function you ``jit`` (or around a ``model.apply`` that is not
+    jitted): it acts at trace time, so a function traced outside the block keeps
+    the mode it was traced with.
+    """
+    if mode not in MODES + (_FINALIZE,):
+        raise ValueError(f"quant_mode: `mode` must be one of {MODES}, got {mode!r}.")
+    token = _forced_mode.set(mode)
+    try:
+        yield
+    finally:
+        _forced_mode.reset(token)
+
+
+class _QuantLayer:
+    """Behaviour shared by QatDense and QatConv (a mixin over the Flax layer)."""
+
+    config: QatConfig
+    mode: str | None
+    axis_name: str | None
+
+    # ------------------------------------------------------------------ mode
+    def _resolve_mode(self, mode: str | None) -> str:
+        forced = _forced_mode.get()
+        chosen = forced or mode or self.mode
+        if self.is_initializing():
+            return "init"
+        if chosen is None:
+            raise ValueError(
+                f"{type(self).__name__} {self.path_str()}: no mode given; pass mode= one of {MODES} "
+                "(as a call argument or attribute), or use qatjax.flax.quant_mode."
+            )
+        if chosen not in MODES + (_FINALIZE,):
+            raise ValueError(f"{type(self).__name__}: `mode` must be one of {MODES}, got {chosen!r}.")
+        return chosen
+
+    def path_str(self) -> str:
+        return "/".join(self.scope.path) if self.scope is not None else type(self).__name__
+
+    def _check_config(self) -> None:
+        if not isinstance(self.config, QatConfig):
+            raise TypeError(
+                f"{type(self).__name__}: `config` must be a qatjax.QatConfig, got {type(self.config).__name__}."
+            )
+
+    # ------------------------------------------------------------------ activations
+    def _act_static(self) -> bool:
+        cfg = self.config
+        return cfg.activation_format is not None and cfg.activation_scaling == "static"
+
+    def _observer(self):
+        cfg = self.config
+        signed = not cfg.activation_symmetric
+        if cfg.activation_observer == "histogram":
+            return calibration.histogram(num_bins=cfg.num_bins, signed=signed)
+        if cfg.activation_observer == "moving_average_minmax":
+            return calibration.moving_average_minmax(momentum=cfg.ema_momentum)
+        return calibration.minmax()
+
+    def _observe(self, x: jax.Array, update: bool) -> Any:
+        """Creates (and in calibrate mode updates) the activation observer state."""
+        obs = self._observer()
+        stats = self.variable("quant_stats", "input", obs.init, jnp.zeros((1,), jnp.float32))
+        if update:
+            x32 = jax.lax.stop_gradient(x).astype(jnp.float32)
+            stats.value = calibration.observe(obs, stats.value, x32, axis_name=self.axis_name)
+        return stats.value
+
+    def _input_qparams(self, x: jax.Array, mode: str) -> QParams | None:
+        cfg = self.config
+        fmt = cfg.activation_format
+        if fmt is None:
+            return None
+        if cfg.activation_scaling == "dynamic":
+            amax = jnp.max(jnp.abs(jax.lax.stop_gradient(x))).astype(jnp.float32)
+            amax = jnp.where(jnp.isfinite(amax), amax, 0.0)
+            if self.axis_name is not None:
+                amax = jax.lax.pmax(amax, self.axis_name)
+            return qparams_from_amax(amax, fmt)
+        if cfg.learnable_scales and mode == "train" and self.has_variable("params", "input_scale"):
+            scale = self.get_variable("params", "input_scale")
+            zp = (self.get_variable("params", "input_zero_point")
+                  if self.has_variable("params", "input_zero_point") else jnp.zeros((), jnp.float32))
+            return QParams(scale, zp)
+        for col in ("params", "quant_params"):
+            if self.has_variable(col, "input_scale"):
+                scale = self.get_variable(col, "input_scale")
+                zp = (self.get_variable(col, "input_zero_point")
+                      if self.has_variable(col, "input_zero_point") else jnp.zeros((), jnp.int32))
+                return QParams(scale, zp)
+        raise ValueError(
+            f"{type(self).__name__} {self.path_str()}: mode={mode!r} needs calibrated activation "
+            "parameters (quant_params/input_scale), and this layer has none: run "
+            "qatjax.calibrate(model, variables, batches) first, or use "
+            "activation_scaling='dynamic'."
+        )
+
+    def _finalize_input(self) -> None:
+        """Turns the observer state into activation QParams (quant_params, or params for LSQ)."""
+        cfg = self.config
+        state = self.get_variable("quant_stats", "input")
+        qp = calibration.estimate(
+            state, cfg.activation_format, cfg.activation_estimator,
+            symmetric=cfg.activation_symmetric, percentile=cfg.percentile)
+        col = "params" if cfg.learnable_scales else "quant_params"
+        self.put_variable(col, "input_scale", qp.scale.astype(jnp.float32))
+        if not cfg.activation_symmetric:
+            zp = qp.zero_point.astype(jnp.float32 if cfg.learnable_scales else jnp.int32)
+            self.put_variable(col, "input_zero_point", zp)
+
+    # ------------------------------------------------------------------ weights
+    def _weight_qparams(self, w_t: jax.Array, mode: str) -> QParams:
+        """Weight parameters broadcasting against ``w_t`` (see :mod:`qatjax.qdot`)."""
+        cfg = self.config
+        if cfg.learnable_scales and self.has_variable("params", "kernel_scale"):
+            scale = self.get_variable("params", "kernel_scale")
+            zp = (self.get_variable("params", "kernel_zero_point")
+                  if self.has_variable("params", "kernel_zero_point") else jnp.zeros_like(scale))
+            return QParams(*(specs.expand_weight_param(a, w_t.ndim) for a in (scale, zp)))
+        return specs.weight_qparams(jax.lax.stop_gradient(w_t), cfg)
+
+    def _learnable_kernel_scale(self, w_t: jax.Array, reset: bool) -> None:
+        """Creates (or, when finalizing, re-initialises) the LSQ weight parameters."""
+        cfg = self.config
+        if not (cfg.learnable_scales and cfg.weight_format is not None):
+            return
+        qp = specs.weight_qparams(w_t, cfg)
+        scale = specs.squeeze_weight_param(qp.scale, w_t.ndim)
+        zp = specs.squeeze_weight_param(qp.zero_point, w_t.ndim).astype(jnp.float32)
+        if reset:
+            self.put_variable("params", "kernel_scale", scale)
+            if not cfg.weight_symmetric:
+                self.put_variable("params", "kernel_zero_point", zp)
+        else:
+            self.param("kernel_scale", lambda _: scale)
+            if not cfg.weight_symmetric:
+                self.param("kernel_zero_point", lambda _: zp)
+
+    def _dot_spec(self, x_numel_per_example: int, w_numel_per_scale: int, **extra) -> DotSpec:
+        cfg = self.config
+        x_gs = w_gs = None
+        if cfg.ste == "lsq" and cfg.lsq_grad_scale:
+            if cfg.activation_format is not None:
+                x_gs = lsq_grad_scale(x_numel_per_example, cfg.activation_format)
+            if cfg.weight_format is not None:
+                w_gs = lsq_grad_scale(w_numel_per_scale, cfg.weight_format)
+        cls = ConvSpec if extra else DotSpec
+        return cls(
+            x_format=cfg.activation_format, w_format=cfg.weight_format,
+            x_symmetric=cfg.activation_symmetric, w_symmetric=cfg.weight_symmetric,
+            ste=cfg.ste,
+            group_size=cfg.weight_group_size if cfg.weight_granularity == "per_group" else None,
+            x_grad_scale=x_gs, w_grad_scale=w_gs, **extra)
+
+    def _write_specs(self) -> None:
+        cfg = self.config
+        for name, value in specs.describe(cfg).items():
+            if self.is_mutable_collection("quant_params"):
+                self.put_variable("quant_params", name, value)
+
+    def _quantized_forward(self, x: jax.Array, w_t: jax.Array | None, mode: str, spec: DotSpec,
+                           w_for_stats: jax.Array | None) -> jax.Array:
+        """Output of train / infer mode in float32, before bias."""
+        x_qp = self._input_qparams(x, mode)
+        if mode == "infer" and self.has_variable("quant_params", "kernel_codes"):
+            qw = self.get_variable("quant_params", "kernel_codes")
+            w_qp = QParams(*(specs.expand_weight_param(self.get_variable("quant_params", n), qw.ndim,
+                                                        conv=isinstance(spec, ConvSpec))
+                             for n in ("kernel_scale", "kernel_zero_point")))
+            return _from_codes(x, qw, x_qp, w_qp, spec)
+        w_qp = self._weight_qparams(w_t, mode) if spec.w_format is not None else None
+        if mode == "infer":
+            qw = None if spec.w_format is None else quantize_weight(w_t, w_qp, spec)
+            return _from_codes(x, qw if qw is not None else w_t, x_qp, w_qp, spec)
+        return quantized_dot(x, w_t, x_qp, w_qp, spec)
+
+
+def _from_codes(x, qw, x_qp, w_qp, spec: DotSpec) -> jax.Array:
+    """Serving forward: the native low-precision op, or (weight-only / mixed formats) the float
+    reference on dequantized weights, which is what train mode computes too."""
+    x = x.astype(jnp.float32)
+    if spec.native is not None:
+        return dot_from_codes(quantize(x, x_qp, spec.x_format), qw, x_qp, w_qp, spec)
+    return reference_dot(x, specs.dequantize_weight_codes(qw, w_qp, spec), x_qp, None,
+                         DotSpec(spec.x_format, None, spec.x_symmetric, True, spec.ste)
+                         if not isinstance(spec, ConvSpec) else
+                         ConvSpec(spec.x_format, None, spec.x_symmetric, True, spec.ste,
+                                  strides=spec.strides, rhs_dilation=spec.rhs_dilation,
+                                  feature_group_count=spec.feature_group_count,
+                                  dimension_numbers=spec.dimension_numbers))
+
+
+class QatDense(_QuantLayer, nn.Dense):
+    """Quantization-aware drop-in for ``flax.linen.Dense``.
+
+    Attributes (beyond ``nn.Dense``'s):
+      config: the :class:`~qatjax.QatConfig` recipe.
+      mode: default mode when the call passes none (see the module docstring).
+      axis_name: mapped axis (pmap / shard_map) to reduce calibration statistics and
+        dynamic activation scales over.
+
+    Shapes: ``x [..., K] -> y [..., features]``; ``kernel [K, features]``. Converted
+    variables store ``kernel_codes [features, K]`` (int8 / uint8 / fp8).
+    """
+
+    config: QatConfig = QatConfig()
+    mode: str | None = None
+    axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, inputs: jax.Array, mode: str | None = None) -> jax.Array:  # type: ignore[override]
+        self._check_config()
+        mode = self._resolve_mode(mode)
+        converted = self.has_variable("quant_params", "kernel_codes")
+        if mode == "float" or mode == "init":
+            if mode == "init":
+                self._init_quant_state(inputs)
+            return nn.Dense.__call__(self, inputs)
+        if converted and mode != "infer":
+            raise ValueError(
+                f"QatDense {self.path_str()}: these variables were converted for serving (no float "
+                f"kernel); only mode='infer' can run them, got mode={mode!r}."
+            )
+        if converted:
+            k_in = self.get_variable("quant_params", "kernel_codes").shape[-1]
+            kernel = None
+        else:
+            kernel = self.param("kernel", self.kernel_init, (jnp.shape(inputs)[-1], self.features),
+                                self.param_dtype)
+            k_in = kernel.shape[0]
+        if jnp.shape(inputs)[-1] != k_in:
+            raise ValueError(
+                f"QatDense {self.path_str()}: inputs have {jnp.shape(inputs)[-1]} features on the last "
+                f"axis, but the kernel expects {k_in}."
+            )
+        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
+        if mode in ("calibrate", _FINALIZE):
+            if self._act_static():
+                if mode == "calibrate":
+                    self._observe(inputs, update=True)
+                else:
+                    self._finalize_input()
+            if mode == _FINALIZE:
+                self._write_specs()
+                self._learnable_kernel_scale(kernel.T, reset=True)
+            return nn.Dense.__call__(self, inputs)
+        inputs, kernel_p, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+        w_t = None if kernel_p is None else kernel_p.T
+        per_scale = k_in if self.config.weight_granularity != "per_group" else self.config.weight_group_size
+        if self.config.weight_granularity == "per_tensor":
+            per_scale = k_in * self.features
+        spec = self._dot_spec(k_in, per_scale)
+        y = self._quantized_forward(inputs, w_t, mode, spec, None).astype(inputs.dtype)
+        if bias is not None:
+            y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+        return y
+
+    def _init_quant_state(self, inputs: jax.Array) -> None:
+        if self._act_static():
+            self._observe(inputs, update=False)
+        self._write_specs()
+        if self.config.learnable_scales and self.config.weight_format is not None:
+            kernel = self.param("kernel", self.kernel_init, (jnp.shape(inputs)[-1], self.features),
+                                self.param_dtype)
+            self._learnable_kernel_scale(kernel.T, reset=False)
+
+
+class QatConv(_QuantLayer, nn.Conv):
+    """Quantization-aware drop-in for ``flax.linen.Conv`` (shared weights).
+
+    Weights are quantized per tensor or per output channel and must be symmetric (the
+    integer path's zero-point correction then needs no window sums); activations may be
+    affine (uint8). The input is padded in float before quantization, so padding holds
+    real zeros in every mode. ``input_dilation`` other than 1 needs symmetric activations
+    (its inserted zeros must be code 0); ``mask`` is applied to the kernel before
+    quantization.
+
+    Shapes: ``x [batch..., *spatial, C_in] -> y [batch..., *spatial', features]``;
+    ``kernel [*kernel_size, C_in / feature_group_count, features]``.
+    """
+
+    config: QatConfig = QatConfig()
+    mode: str | None = None
+    axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, inputs: jax.Array, mode: str | None = None) -> jax.Array:  # type: ignore[override]
+        self._check_config()
+        mode = self._resolve_mode(mode)
+        cfg = self.config
+        if cfg.weight_granularity == "per_group":
+            raise ValueError("QatConv: weight_granularity='per_group' is not supported for convolutions; "
+                             "use 'per_channel' or 'per_tensor'.")
+        if cfg.weight_format is not None and not cfg.weight_symmetric:
+            raise ValueError("QatConv: weights must be symmetric (weight_symmetric=True).")
+        kernel_size = (self.kernel_size,) if isinstance(self.kernel_size, int) else tuple(self.kernel_size)
+        if mode == "float" or mode == "init":
+            if mode == "init":
+                if self._act_static():
+                    self._observe(inputs, update=False)
+                self._write_specs()
+            return nn.Conv.__call__(self, inputs)
+        converted = self.has_variable("quant_params", "kernel_codes")
+        if converted and mode != "infer":
+            raise ValueError(
+                f"QatConv {self.path_str()}: these variables were converted for serving; only "
+                f"mode='infer' can run them, got mode={mode!r}.")
+        if mode in ("calibrate", _FINALIZE):
+            if self._act_static():
+                if mode == "calibrate":
+                    self._observe(inputs, update=True)
+                else:
+                    self._finalize_input()
+            if mode == _FINALIZE:
+                self._write_specs()
+            return nn.Conv.__call__(self, inputs)
+        return self._quantized_conv(inputs, kernel_size, mode, converted)
+
+    def _quantized_conv(self, inputs, kernel_size, mode, converted):
+        cfg = self.config
+        n_sp = len(kernel_size)
+        num_batch = inputs.ndim - (n_sp + 1)
+        if num_batch < 1:
+            raise ValueError(f"QatConv {self.path_str()}: inputs need a batch axis, got shape {inputs.shape}.")
+        batch_shape = inputs.shape[:num_batch]
+        if num_batch != 1:
+            inputs = jnp.reshape(inputs, (-1,) + inputs.shape[num_batch:])
+        c_in = inputs.shape[-1]
+        kernel_shape = kernel_size + (c_in // self.feature_group_count, self.features)
+        if converted:
+            kernel = None
+            expected = self.get_variable("quant_params", "kernel_codes").shape
+        else:
+            kernel = self.param("kernel", self.kernel_init, kernel_shape, self.param_dtype)
+            expected = kernel.shape
+            if self.mask is not None:
+                kernel = kernel * self.mask
+        if c_in % self.feature_group_count or tuple(expected) != kernel_shape:
+            raise ValueError(
+                f"QatConv {self.path_str()}: inputs with {c_in} channels need a kernel of shape "
+                f"{kernel_shape}, but the stored kernel has shape {tuple(expected)}.")
+        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
+        inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+        strides = _tuple(self.strides, n_sp)
+        in_dil = _tuple(self.input_dilation, n_sp)
+        k_dil = _tuple(self.kernel_dilation, n_sp)
+        if any(d != 1 for d in in_dil):
+            if cfg.activation_format is not None and not cfg.activation_symmetric:
+                raise ValueError("QatConv: input_dilation needs symmetric activations.")
+            inputs = lax.pad(inputs, jnp.zeros((), inputs.dtype),
+                             [(0, 0, 0)] + [(0, 0, d - 1) for d in in_dil] + [(0, 0, 0)])
+        inputs = _pad_input(inputs, self.padding, kernel_size, k_dil, strides)
+        dn = lax.conv_dimension_numbers(inputs.shape, kernel_shape, _dn(n_sp))
+        window = int(np.prod(kernel_shape[:-1]))
+        per_scale = window if cfg.weight_granularity == "per_channel" else window * self.features
+        spec = self._dot_spec(window, per_scale, strides=strides, rhs_dilation=k_dil,
+                              feature_group_count=self.feature_group_count, dimension_numbers=dn)
+        y = self._quantized_forward(inputs, kernel, mode, spec, None).astype(inputs.dtype)
+        if bias is not None:
+            y += bias.reshape((1,) * (y.ndim - 1) + (-1,))
+        if num_batch != 1:
+            y = jnp.reshape(y, batch_shape + y.shape[1:])
+        return y
+
+
+def _tuple(v, n: int) -> tuple[int, ...]:
+    if v is None:
+        return (1,) * n
+    if isinstance(v, int):
+        return (v,) * n
+    return tuple(v)
+
+
+def _dn(n_sp: int):
+    spatial = "HWD"[:n_sp] if n_sp <= 3 else "".join(chr(ord("a") + i) for i in range(n_sp))
+    return ("N" + spatial + "C", spatial + "IO", "N" + spatial + "C")
+
+
+def _pad_input(x, padding, kernel_size, k_dil, strides):
+    """Pads ``x`` explicitly as ``nn.Conv`` would, so the convolution itself is VALID."""
+    from flax.linen.linear import canonicalize_padding
+
+    n_sp = len(kernel_size)
+    pad = canonicalize_padding(padding, n_sp)
+    if pad in ("CIRCULAR", "REFLECT"):
+        dilated = [(k - 1) * d + 1 for k, d in zip(kernel_size, k_dil)]
+        pads = [(0, 0)] + [((k - 1) // 2, k // 2) for k in dilated] + [(0, 0)]
+        return jnp.pad(x, pads, mode={"CIRCULAR": "wrap", "REFLECT": "reflect"}[pad])
+    if pad == "CAUSAL":
+        if n_sp != 1:
+            raise ValueError("QatConv: causal padding is only defined for 1-D convolutions.")
+        left = k_dil[0] * (kernel_size[0] - 1)
+        return jnp.pad(x, [(0, 0), (left, 0), (0, 0)])
+    dilated = tuple((k - 1) * d + 1 for k, d in zip(kernel_size, k_dil))
+    if isinstance(pad, str):
+        pairs = lax.padtype_to_pads(x.shape[1:-1], dilated, strides, pad)
+    else:
+        pairs = pad
+    return jnp.pad(x, [(0, 0)] + [tuple(p) for p in pairs] + [(0, 0)])

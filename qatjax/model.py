@@ -1,0 +1,338 @@
+"""Whole-model tools: calibrate, report, convert for serving, export and import weights.
+
+They work on a Flax model whose quantized layers are :class:`~qatjax.flax.QatDense`
+/ :class:`~qatjax.flax.QatConv`, and on its variables (a dict of collections).
+Layers describe themselves in ``quant_params`` (``kernel_spec``, ``input_spec``), so
+:func:`convert`, :func:`quant_report` and :func:`quantize_model_weights` need the
+variables alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Iterable, Mapping
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qatjax.fake_quant import dequantize, quantize
+from qatjax.flax import specs
+from qatjax.flax.layers import _FINALIZE, quant_mode
+from qatjax.formats import Format, format_code, format_from_code
+from qatjax.packing import pack_nibbles, unpack_nibbles
+from qatjax.qdot import DotSpec, quantize_weight
+from qatjax.qparams import QParams
+
+__all__ = [
+    "calibrate",
+    "calibrate_model",
+    "CalibrationReport",
+    "LayerReport",
+    "quant_report",
+    "convert",
+    "quantize_model_weights",
+    "dequantize_weights",
+]
+
+Variables = Mapping[str, Any]
+
+
+def _as_args(batch: Any) -> tuple:
+    return tuple(batch) if isinstance(batch, tuple) else (batch,)
+
+
+def _merge(variables: Variables, updates: Mapping[str, Any]) -> dict:
+    out = flax.core.unfreeze(variables) if isinstance(variables, flax.core.FrozenDict) else dict(variables)
+    for col, tree in updates.items():
+        out[col] = flax.core.unfreeze(tree) if isinstance(tree, flax.core.FrozenDict) else tree
+    return out
+
+
+def calibrate(
+    model: nn.Module,
+    variables: Variables,
+    batches: Iterable[Any],
+    *,
+    progress: bool = False,
+    reset: bool = True,
+    apply_kwargs: Mapping[str, Any] | None = None,
+) -> dict:
+    """Runs ``model`` over ``batches`` in calibrate mode and fills ``quant_params``.
+
+    Each batch is passed to ``model.apply`` as its positional arguments (a tuple is
+    unpacked, anything else is the single input). Observers accumulate in
+    ``quant_stats``; after the last batch every layer's estimator turns its statistics
+    into scales and zero points (``quant_params``, or ``params`` for LSQ scales).
+
+    Args:
+      model: a Flax module containing qatjax layers.
+      variables: its variables; a float checkpoint (``params`` only) is fine.
+      batches: iterable of inputs (at least one).
+      progress: show a tqdm progress bar.
+      reset: start from empty statistics (drop existing ``quant_stats``).
+      apply_kwargs: extra keyword arguments for ``model.apply`` (e.g. ``train=False``).
+    Returns:
+      A new variables dict with ``quant_stats`` and ``quant_params`` (and LSQ ``params``).
+    """
+    kwargs = dict(apply_kwargs or {})
+    variables = dict(variables)
+    if reset:
+        variables.pop("quant_stats", None)
+
+    @jax.jit
+    def step(v, args):
+        with quant_mode("calibrate"):
+            _, upd = model.apply(v, *args, mutable=["quant_stats"], **kwargs)
+        return upd["quant_stats"]
+
+    @jax.jit
+    def finalize(v, args):
+        with quant_mode(_FINALIZE):
+            _, upd = model.apply(v, *args, mutable=["quant_params", "params"], **kwargs)
+        return upd
+
+    iterator = batches
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(batches, desc="calibrate", unit="batch")
+    last = None
+    for batch in iterator:
+        last = _as_args(batch)
+        variables["quant_stats"] = step(variables, last)
+    if last is None:
+        raise ValueError("calibrate: `batches` yielded no batch.")
+    return _merge(variables, finalize(variables, last))
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerReport:
+    """One quantized layer: where it is, its formats and what calibration chose."""
+
+    path: str
+    weight_format: str
+    weight_granularity: str
+    weight_scale_min: float
+    weight_scale_max: float
+    input_format: str
+    method: str
+    input_scale: float | None
+    input_zero_point: int | None
+    input_amax: float | None
+    saturation: float | None
+    nonfinite_skipped: int | None
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationReport:
+    """Per-layer table of a model's quantization; ``str(report)`` prints it."""
+
+    layers: tuple[LayerReport, ...]
+
+    def __str__(self) -> str:
+        head = ("layer", "weights", "w scale min..max", "input", "method", "in scale", "in zp",
+                "in range", "saturated", "non-finite")
+        rows = [head]
+        fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+        for r in self.layers:
+            rows.append((
+                r.path, f"{r.weight_format} {r.weight_granularity}",
+                f"{r.weight_scale_min:.3g}..{r.weight_scale_max:.3g}", r.input_format, r.method,
+                fmt(r.input_scale, ".4g"), fmt(r.input_zero_point, "d"), fmt(r.input_amax, ".4g"),
+                fmt(r.saturation, ".3%"), fmt(r.nonfinite_skipped, "d")))
+        widths = [max(len(str(row[i])) for row in rows) for i in range(len(head))]
+        lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        return "\n".join(lines)
+
+
+def _layers(variables: Variables) -> Iterable[tuple[tuple[str, ...], Mapping[str, Any]]]:
+    """Yields ``(path, quant_params of the layer)`` for every layer that describes itself."""
+    def walk(tree, path):
+        if isinstance(tree, Mapping):
+            if "kernel_spec" in tree:
+                yield path, tree
+            for k, v in tree.items():
+                if isinstance(v, Mapping):
+                    yield from walk(v, path + (k,))
+    yield from walk(variables.get("quant_params", {}), ())
+
+
+def _get(tree: Any, path: tuple[str, ...]) -> Any:
+    for k in path:
+        if not isinstance(tree, Mapping) or k not in tree:
+            return None
+        tree = tree[k]
+    return tree
+
+
+
+
+def _layer_weight_qparams(variables: Variables, path, qp_tree) -> tuple[QParams, jax.Array, DotSpec]:
+    """Weight parameters (broadcast form), the weight in qatjax layout and its DotSpec."""
+    fmt, gran, group, sym = specs.parse_kernel_spec(qp_tree["kernel_spec"])
+    spec = DotSpec(None, fmt, True, sym, group_size=group)
+    layer_params = _get(variables.get("params", {}), path) or {}
+    if "kernel_codes" in qp_tree:
+        codes = qp_tree["kernel_codes"]
+        conv = codes.ndim > 2
+        w_qp = QParams(*(specs.expand_weight_param(qp_tree[n], codes.ndim, conv)
+                         for n in ("kernel_scale", "kernel_zero_point")))
+        return w_qp, codes, spec
+    if "kernel" not in layer_params:
+        raise ValueError(f"layer {'/'.join(path)}: no params/kernel and no kernel_codes.")
+    kernel = jnp.asarray(layer_params["kernel"], jnp.float32)
+    w = kernel if kernel.ndim > 2 else kernel.T
+    if "kernel_scale" in layer_params:  # LSQ-learned
+        scale = layer_params["kernel_scale"]
+        zp = layer_params.get("kernel_zero_point", jnp.zeros_like(scale))
+        w_qp = QParams(*(specs.expand_weight_param(a, w.ndim) for a in (scale, zp)))
+    else:
+        w_qp = specs.weight_qparams_for(w, fmt, gran, group, sym, conv=w.ndim > 2)
+    return w_qp, w, spec
+
+
+def quant_report(variables: Variables) -> CalibrationReport:
+    """The per-layer table from variables alone (calibrated, trained or converted).
+
+    Saturation is the fraction of the activation histogram's mass above the chosen
+    range (histogram observers only).
+    """
+    from qatjax import calibration
+
+    rows = []
+    for path, qp_tree in _layers(variables):
+        fmt, gran, group, sym = specs.parse_kernel_spec(qp_tree["kernel_spec"])
+        in_fmt, in_sym, static, method = specs.parse_input_spec(qp_tree["input_spec"])
+        w_scale_lo = w_scale_hi = float("nan")
+        if fmt is not None:
+            w_qp, _, _ = _layer_weight_qparams(variables, path, qp_tree)
+            s = np.asarray(w_qp.scale)
+            w_scale_lo, w_scale_hi = float(s.min()), float(s.max())
+        layer_params = _get(variables.get("params", {}), path) or {}
+        scale = qp_tree.get("input_scale", layer_params.get("input_scale"))
+        zp = qp_tree.get("input_zero_point", layer_params.get("input_zero_point"))
+        stats = _get(variables.get("quant_stats", {}), path)
+        amax = sat = nonfinite = None
+        if scale is not None and in_fmt is not None:
+            lo = (float(in_fmt.qmin) - (0 if zp is None else float(np.round(zp)))) * float(scale)
+            hi = (float(in_fmt.qmax) - (0 if zp is None else float(np.round(zp)))) * float(scale)
+            amax = max(abs(lo), abs(hi))
+            if stats is not None and "input" in stats:
+                summary = calibration.summarize(stats["input"], lo, hi)
+                sat, nonfinite = summary.saturation, summary.nonfinite
+        rows.append(LayerReport(
+            path="/".join(path),
+            weight_format="float" if fmt is None else fmt.name,
+            weight_granularity=gran if group is None else f"{gran}({group})",
+            weight_scale_min=w_scale_lo, weight_scale_max=w_scale_hi,
+            input_format="float" if in_fmt is None else in_fmt.name,
+            method=(method if static else "dynamic") if in_fmt is not None else "-",
+            input_scale=None if scale is None else float(scale),
+            input_zero_point=None if zp is None else int(np.round(zp)),
+            input_amax=amax, saturation=sat, nonfinite_skipped=nonfinite))
+    return CalibrationReport(tuple(rows))
+
+
+def calibrate_model(model: nn.Module, variables: Variables, batches: Iterable[Any],
+                    **kwargs: Any) -> tuple[dict, CalibrationReport]:
+    """:func:`calibrate`, then :func:`quant_report`: ``(variables, report)``."""
+    variables = calibrate(model, variables, batches, **kwargs)
+    return variables, quant_report(variables)
+
+
+def convert(variables: Variables) -> dict:
+    """Serving variables: integer / fp8 kernel codes and scales, no float kernels.
+
+    For every qatjax layer, ``params/kernel`` (and LSQ ``kernel_scale``) is replaced by
+    ``quant_params/kernel_codes`` (dense: ``[features, K]``, the layout both operands
+    contract on their last axis; conv: the kernel's own layout), ``kernel_scale`` and
+    ``kernel_zero_point`` (stored forms, see :mod:`qatjax.flax.specs`). Weight parameters
+    are computed exactly as train mode computes them, so ``mode="infer"`` on the result
+    equals train mode bit for bit. ``quant_stats`` is dropped; the input is not modified.
+
+    Raises:
+      ValueError: if a layer with static activation scaling was never calibrated.
+    """
+    out = jax.tree_util.tree_map(lambda a: a, flax.core.unfreeze(dict(variables)))
+    out.pop("quant_stats", None)
+    for path, qp_tree in list(_layers(variables)):
+        fmt, _, _, _ = specs.parse_kernel_spec(qp_tree["kernel_spec"])
+        in_fmt, _, static, _ = specs.parse_input_spec(qp_tree["input_spec"])
+        layer_params = _get(out.get("params", {}), path) or {}
+        if in_fmt is not None and static and "input_scale" not in qp_tree and "input_scale" not in layer_params:
+            raise ValueError(f"convert: layer {'/'.join(path)} has no calibrated input_scale; "
+                             "run qatjax.calibrate first.")
+        if fmt is None or "kernel_codes" in qp_tree:
+            continue
+        w_qp, w, spec = _layer_weight_qparams(variables, path, qp_tree)
+        target = _get(out["quant_params"], path)
+        target["kernel_codes"] = quantize_weight(w, w_qp, spec)
+        target["kernel_scale"] = specs.squeeze_weight_param(jnp.asarray(w_qp.scale, jnp.float32), w.ndim)
+        target["kernel_zero_point"] = specs.squeeze_weight_param(
+            jnp.round(jnp.asarray(w_qp.zero_point, jnp.float32)).astype(jnp.int32), w.ndim)
+        for name in ("kernel", "kernel_scale", "kernel_zero_point"):
+            layer_params.pop(name, None)
+        # LSQ-learned input parameters move next to the codes.
+        for name in ("input_scale", "input_zero_point"):
+            if name in layer_params:
+                value = layer_params.pop(name)
+                target[name] = value if name == "input_scale" else jnp.round(value).astype(jnp.int32)
+    return out
+
+
+def quantize_model_weights(variables: Variables, *, pack: bool = True) -> dict:
+    """Export: every qatjax layer's kernel as codes and scales, other parameters as they are.
+
+    Returns a pytree of arrays only (so flax.serialization and orbax can save it):
+    ``{"layers": {path: {"codes", "scale", "zero_point", "format", "shape", "packed"}},
+    "params": <params without the quantized kernels>}``. Codes of formats of 4 bits or
+    fewer are packed two per byte along the last axis when ``pack`` is True. ``shape``
+    is the kernel's shape in the Flax layout (``[K, N]`` for dense).
+    """
+    served = convert(variables)
+    layers = {}
+    for path, qp_tree in _layers(served):
+        if "kernel_codes" not in qp_tree:
+            continue
+        fmt, _, _, _ = specs.parse_kernel_spec(qp_tree["kernel_spec"])
+        codes = qp_tree["kernel_codes"]
+        do_pack = pack and not fmt.is_float and fmt.bits <= 4
+        flax_shape = codes.shape if codes.ndim > 2 else codes.shape[::-1]
+        layers["/".join(path)] = {
+            "codes": pack_nibbles(codes) if do_pack else codes,
+            "scale": qp_tree["kernel_scale"],
+            "zero_point": qp_tree["kernel_zero_point"],
+            "spec": qp_tree["kernel_spec"],
+            "shape": jnp.asarray(flax_shape, jnp.int32),
+            "packed": jnp.asarray(do_pack),
+        }
+    return {"layers": layers, "params": served.get("params", {})}
+
+
+def dequantize_weights(exported: Mapping[str, Any]) -> dict:
+    """Import: float ``params`` from :func:`quantize_model_weights`' output.
+
+    Each kernel becomes ``(codes - zero_point) * scale`` in float32, in the Flax layout,
+    i.e. exactly the fake-quantized kernel that train mode used.
+    """
+    params = jax.tree_util.tree_map(lambda a: a, flax.core.unfreeze(dict(exported["params"])))
+    for key, entry in exported["layers"].items():
+        fmt, _, group, _ = specs.parse_kernel_spec(entry["spec"])
+        shape = tuple(int(v) for v in np.asarray(entry["shape"]))
+        conv = len(shape) > 2
+        layout_shape = shape if conv else shape[::-1]
+        codes = entry["codes"]
+        if bool(entry["packed"]):
+            codes = unpack_nibbles(codes, layout_shape[-1], fmt.signed)
+        w_qp = QParams(*(specs.expand_weight_param(entry[n], len(layout_shape), conv)
+                         for n in ("scale", "zero_point")))
+        w = specs.dequantize_weight_codes(codes, w_qp, DotSpec(None, fmt, group_size=group))
+        node = params
+        for k in key.split("/"):
+            node = node.setdefault(k, {})
+        node["kernel"] = w if conv else w.T
+    return params
