@@ -177,7 +177,10 @@ def as_format(fmt: object, argname: str = "fmt") -> Format:
     if isinstance(fmt, (IntFormat, FloatFormat)):
         return fmt
     if isinstance(fmt, str):
-        return format_from_name(fmt)
+        try:
+            return format_from_name(fmt)
+        except ValueError as e:
+            raise ValueError(f"`{argname}`: {e}") from None
     raise TypeError(
         f"`{argname}` must be a qatjax format (IntFormat, FloatFormat or a name such as "
         f"'int8'), got {fmt!r}."
