@@ -180,7 +180,7 @@ def as_format(fmt: object, argname: str = "fmt") -> Format:
         try:
             return format_from_name(fmt)
         except ValueError as e:
-            raise ValueError(f"`{argname}`: {e}") from None
+            raise ValueError(f"`{argname}`={fmt!r}: {e}") from None
     raise TypeError(
         f"`{argname}` must be a qatjax format (IntFormat, FloatFormat or a name such as "
         f"'int8'), got {fmt!r}."
