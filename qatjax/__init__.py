@@ -1,4 +1,8 @@
-"""qatjax: quantization-aware training and post-training calibration for JAX and Flax."""
+"""qatjax: quantization-aware training and post-training calibration for JAX and Flax.
+
+Layers, bottom up: formats -> quantization parameters -> fake quantization ->
+calibration -> integer kernels -> configuration -> Flax layers -> model tools.
+"""
 
 from qatjax.formats import (
     FloatFormat,
@@ -21,5 +25,17 @@ from qatjax.qparams import (
     split_groups,
 )
 from qatjax.fake_quant import dequantize, fake_quant, lsq_grad_scale, quantize
+from qatjax import calibration
+from qatjax.config import QatConfig
+from qatjax import flax
+from qatjax.model import (
+    CalibrationReport,
+    calibrate,
+    calibrate_model,
+    convert,
+    dequantize_weights,
+    quant_report,
+    quantize_model_weights,
+)
 
 __version__ = "0.1.0"

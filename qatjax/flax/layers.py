@@ -276,9 +276,10 @@ class QatDense(_QuantLayer, nn.Dense):
         mode = self._resolve_mode(mode)
         converted = self.has_variable("quant_params", "kernel_codes")
         if mode == "float" or mode == "init":
+            y = nn.Dense.__call__(self, inputs)
             if mode == "init":
                 self._init_quant_state(inputs)
-            return nn.Dense.__call__(self, inputs)
+            return y
         if converted and mode != "infer":
             raise ValueError(
                 f"QatDense {self.path_str()}: these variables were converted for serving (no float "
@@ -323,9 +324,7 @@ class QatDense(_QuantLayer, nn.Dense):
             self._observe(inputs, update=False)
         self._write_specs()
         if self.config.learnable_scales and self.config.weight_format is not None:
-            kernel = self.param("kernel", self.kernel_init, (jnp.shape(inputs)[-1], self.features),
-                                self.param_dtype)
-            self._learnable_kernel_scale(kernel.T, reset=False)
+            self._learnable_kernel_scale(self.get_variable("params", "kernel").T, reset=False)
 
 
 class QatConv(_QuantLayer, nn.Conv):

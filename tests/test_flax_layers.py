@@ -1,0 +1,196 @@
+"""QatDense / QatConv: float parity with Flax, train == infer, the STE in a training loop."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax.training import train_state
+
+import qatjax
+from qatjax.config import QatConfig
+from qatjax.flax import QatConv, QatDense, quant_mode
+
+DYN = dict(activation_scaling="dynamic")
+
+
+def _x(shape, seed=0, shift=0.0):
+    return jax.random.normal(jax.random.key(seed), shape) + shift
+
+
+@pytest.mark.parametrize("shape", [(4, 32), (2, 3, 32)])
+@pytest.mark.parametrize("dtype", [None, jnp.bfloat16])
+def test_float_mode_is_nn_dense_bit_for_bit(shape, dtype):
+    x = _x(shape)
+    layer = QatDense(16, dtype=dtype, config=QatConfig(**DYN))
+    v = layer.init(jax.random.key(1), x)
+    ref = nn.Dense(16, dtype=dtype).apply({"params": v["params"]}, x)
+    got = layer.apply(v, x, mode="float")
+    assert got.dtype == ref.dtype
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(ref, np.float32))
+    assert set(v["params"]) == {"kernel", "bias"}
+
+
+@pytest.mark.parametrize("kw", [
+    dict(kernel_size=(3, 3)),
+    dict(kernel_size=(3, 3), strides=2, padding="VALID"),
+    dict(kernel_size=(3,), padding="CAUSAL"),
+    dict(kernel_size=(3, 3), feature_group_count=2, padding="CIRCULAR"),
+])
+def test_float_mode_is_nn_conv_and_train_equals_infer(kw):
+    ndim = len(kw["kernel_size"])
+    x = _x((2,) + (9,) * ndim + (4,))
+    layer = QatConv(6, config=QatConfig(**DYN), **kw)
+    v = layer.init(jax.random.key(1), x)
+    ref = nn.Conv(6, **kw).apply({"params": v["params"]}, x)
+    np.testing.assert_array_equal(np.asarray(layer.apply(v, x, mode="float")), np.asarray(ref))
+    train = layer.apply(v, x, mode="train")
+    assert train.shape == ref.shape
+    np.testing.assert_array_equal(np.asarray(layer.apply(v, x, mode="infer")), np.asarray(train))
+    served = qatjax.convert(v)
+    assert "kernel" not in served["params"]
+    np.testing.assert_array_equal(np.asarray(layer.apply(served, x, mode="infer")), np.asarray(train))
+    # Against a float reference: fake-quantized operands, float conv.
+    fq = _fake_quant_conv_reference(layer, v, x, kw)
+    assert np.abs(np.asarray(train) - fq).max() <= 1e-5 * np.abs(fq).max()
+
+
+def _fake_quant_conv_reference(layer, v, x, kw):
+    k = v["params"]["kernel"]
+    amax_w = jnp.max(jnp.abs(k), axis=tuple(range(k.ndim - 1)), keepdims=True)
+    k_hat = qatjax.fake_quant(k, qatjax.qparams_from_amax(amax_w, qatjax.int8), qatjax.int8)
+    x_hat = qatjax.fake_quant(x, qatjax.qparams_from_amax(jnp.max(jnp.abs(x)), qatjax.int8), qatjax.int8)
+    params = {"kernel": k_hat, "bias": v["params"]["bias"]}
+    return np.asarray(nn.Conv(6, precision=jax.lax.Precision.HIGHEST, **kw).apply(
+        {"params": params}, x_hat), np.float64)
+
+
+CONFIGS = [
+    QatConfig(**DYN),
+    QatConfig(activation_format="uint8", activation_symmetric=False, weight_symmetric=False, **DYN),
+    QatConfig(weight_format="int4", weight_granularity="per_group", weight_group_size=8, **DYN),
+    QatConfig(weight_format="fp8_e4m3", activation_format="fp8_e4m3", **DYN),
+    QatConfig(weight_format="int4", activation_format=None, weight_granularity="per_tensor"),
+]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c.weight_format.name}-{c.activation_format}")
+def test_train_infer_and_converted_infer_agree_bit_for_bit(cfg):
+    x = _x((5, 32), shift=0.5)
+    layer = QatDense(12, config=cfg)
+    v = layer.init(jax.random.key(2), x)
+    train = jax.jit(lambda v, x: layer.apply(v, x, mode="train"))(v, x)
+    infer = jax.jit(lambda v, x: layer.apply(v, x, mode="infer"))(v, x)
+    served = qatjax.convert(v)
+    assert served["quant_params"]["kernel_codes"].shape == (12, 32)  # [out, in]
+    assert served["quant_params"]["kernel_codes"].dtype == cfg.weight_format.storage_dtype
+    converted = jax.jit(lambda v, x: layer.apply(v, x, mode="infer"))(served, x)
+    np.testing.assert_array_equal(np.asarray(infer), np.asarray(train))
+    np.testing.assert_array_equal(np.asarray(converted), np.asarray(train))
+    # And the float fake-quant reference (float64 matmul of fake-quantized operands).
+    ref = _dense_reference(cfg, v, x)
+    assert np.abs(np.asarray(train, np.float64) - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+def _dense_reference(cfg, v, x):
+    w_t = v["params"]["kernel"].T
+    wq = qatjax.flax.layers.specs.weight_qparams(w_t, cfg)
+    wg = w_t if cfg.weight_granularity != "per_group" else qatjax.split_groups(w_t, 1, cfg.weight_group_size)
+    w_hat = np.asarray(qatjax.fake_quant(wg, wq, cfg.weight_format), np.float64).reshape(w_t.shape)
+    x_hat = np.asarray(x, np.float64)
+    if cfg.activation_format is not None:
+        xq = qatjax.qparams_from_minmax(-jnp.max(jnp.abs(x)), jnp.max(jnp.abs(x)), cfg.activation_format)
+        x_hat = np.asarray(qatjax.fake_quant(x, xq, cfg.activation_format), np.float64)
+    return x_hat @ w_hat.T + np.asarray(v["params"]["bias"], np.float64)
+
+
+class _MLP(nn.Module):
+    config: QatConfig
+
+    @nn.compact
+    def __call__(self, x, mode="train"):
+        x = nn.relu(QatDense(32, config=self.config)(x, mode=mode))
+        return QatDense(3, config=self.config)(x, mode=mode)
+
+
+def _toy_data():
+    x = jax.random.normal(jax.random.key(0), (256, 8))
+    y = (x[:, 0] > 0).astype(jnp.int32) + (x[:, 1] > 0.5).astype(jnp.int32)
+    return x, y
+
+
+@pytest.mark.parametrize("cfg", [
+    QatConfig(**DYN),
+    QatConfig(weight_format="int4", activation_format=None, learnable_scales=True),
+], ids=["int8-dynamic", "int4-lsq"])
+def test_plain_optax_trainstate_loop_trains(cfg):
+    x, y = _toy_data()
+    model = _MLP(cfg)
+    variables = model.init(jax.random.key(1), x)
+    state = train_state.TrainState.create(apply_fn=model.apply, params=variables["params"],
+                                          tx=optax.adam(1e-2))
+    rest = {k: v for k, v in variables.items() if k != "params"}
+
+    def loss_fn(params):
+        logits = state.apply_fn({"params": params, **rest}, x)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    @jax.jit
+    def step(state):
+        loss, grads = jax.value_and_grad(lambda p: loss_fn_for(state, p))(state.params)
+        return state.apply_gradients(grads=grads), loss, grads
+
+    def loss_fn_for(state, params):
+        logits = state.apply_fn({"params": params, **rest}, x)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    losses = []
+    for _ in range(60):
+        state, loss, grads = step(state)
+        losses.append(float(loss))
+    assert losses[-1] < 0.6 * losses[0]
+    g = grads["QatDense_0"]
+    assert float(jnp.abs(g["kernel"]).sum()) > 0
+    if cfg.learnable_scales:
+        assert g["kernel_scale"].shape == (32,)
+        assert float(jnp.abs(g["kernel_scale"]).sum()) > 0
+        initial = model.init(jax.random.key(1), x)["params"]["QatDense_0"]["kernel_scale"]
+        assert not np.allclose(np.asarray(state.params["QatDense_0"]["kernel_scale"]), np.asarray(initial))
+
+
+def test_quant_mode_context_overrides_every_layer():
+    x, _ = _toy_data()
+    model = _MLP(QatConfig(**DYN))
+    v = model.init(jax.random.key(1), x)
+    with quant_mode("float"):
+        forced = model.apply(v, x, mode="train")
+    np.testing.assert_array_equal(np.asarray(forced), np.asarray(model.apply(v, x, mode="float")))
+    assert not np.array_equal(np.asarray(forced), np.asarray(model.apply(v, x, mode="train")))
+
+
+def test_errors_are_clear():
+    x = _x((4, 32))
+    layer = QatDense(8, config=QatConfig())  # static activations: needs calibration
+    v = layer.init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match="run qatjax.calibrate"):
+        layer.apply(v, x, mode="infer")
+    with pytest.raises(ValueError, match="no mode given"):
+        layer.apply(v, x)
+    with pytest.raises(ValueError, match="`mode` must be one of"):
+        layer.apply(v, x, mode="quantize")
+    dyn = QatDense(8, config=QatConfig(**DYN))
+    vd = dyn.init(jax.random.key(0), x)
+    with pytest.raises(Exception, match="32|16"):
+        dyn.apply(vd, x[:, :16], mode="train")
+    served = qatjax.convert(vd)
+    with pytest.raises(ValueError, match="16 features on the last axis, but the kernel expects 32"):
+        dyn.apply(served, x[:, :16], mode="infer")
+    with pytest.raises(ValueError, match="only mode='infer'"):
+        dyn.apply(served, x, mode="train")
+    conv = QatConv(4, (3, 3), config=QatConfig(weight_granularity="per_group", weight_group_size=2, **DYN))
+    with pytest.raises(ValueError, match="per_group"):
+        conv.init(jax.random.key(0), jnp.ones((1, 5, 5, 2)))
+        conv.apply(conv.init(jax.random.key(0), jnp.ones((1, 5, 5, 2))), jnp.ones((1, 5, 5, 2)), mode="train")
+    with pytest.raises(TypeError, match="config"):
+        QatDense(8, config={"weight_format": "int8"}).init(jax.random.key(0), x)
