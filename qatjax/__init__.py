@@ -27,7 +27,7 @@ from qatjax.qparams import (
 from qatjax.fake_quant import dequantize, fake_quant, lsq_grad_scale, quantize
 from qatjax import calibration
 from qatjax.config import QatConfig
-from qatjax import flax
+from qatjax import checkpoint, flax
 from qatjax.model import (
     CalibrationReport,
     calibrate,
