@@ -54,10 +54,12 @@ class QatConfig:
       learnable_scales: LSQ: scales (and affine zero points) live in ``params`` and are
         trained; implies ``ste="lsq"``.
       lsq_grad_scale: apply LSQ's gradient scale ``1/sqrt(N * qmax)``.
-      fp8_scaling: for fp8 formats, ``"current"`` (amax of the tensor now) or
-        ``"delayed"`` (amax history, Transformer Engine style).
-      fp8_grad_format: format of the output gradient in the backward pass for fp8
-        training (``"fp8_e5m2"``), or ``None`` to keep gradients in float.
+      fp8_scaling: the fp8 training recipe (:mod:`qatjax.fp8`), for fp8 weights and
+        activations with per-tensor scales: ``"current"`` (amax of the tensor now) or
+        ``"delayed"`` (amax history in the ``fp8_meta`` collection, Transformer Engine
+        style). ``None`` (default): fp8 operands use the ordinary static / dynamic scales.
+      fp8_grad_format: with ``fp8_scaling``, the format of the output gradient in the
+        backward pass (``"fp8_e5m2"``), or ``None`` to keep gradients in float.
       amax_history_len: length of the delayed-scaling amax history.
       amax_compute_algo: ``"max"`` (max of the history) or ``"most_recent"``.
       fp8_margin: delayed scaling margin ``m``: ``scale = amax / fp8_max * 2**m``.
@@ -78,7 +80,7 @@ class QatConfig:
     ste: str = "clipped"
     learnable_scales: bool = False
     lsq_grad_scale: bool = True
-    fp8_scaling: str = "delayed"
+    fp8_scaling: str | None = None
     fp8_grad_format: Format | None = "fp8_e5m2"
     amax_history_len: int = 16
     amax_compute_algo: str = "max"
@@ -94,7 +96,8 @@ class QatConfig:
         _check_choice("activation_observer", self.activation_observer, OBSERVERS)
         _check_choice("activation_estimator", self.activation_estimator, ESTIMATORS)
         _check_choice("ste", self.ste, STE_NAMES)
-        _check_choice("fp8_scaling", self.fp8_scaling, FP8_SCALINGS)
+        if self.fp8_scaling is not None:
+            _check_choice("fp8_scaling", self.fp8_scaling, FP8_SCALINGS)
         _check_choice("amax_compute_algo", self.amax_compute_algo, AMAX_ALGOS)
         for name in ("weight_symmetric", "activation_symmetric", "learnable_scales",
                      "lsq_grad_scale"):
@@ -137,6 +140,14 @@ class QatConfig:
                 raise ValueError(f"QatConfig: fp8 `{name}` must be symmetric.")
         if self.fp8_grad_format is not None and not self.fp8_grad_format.is_float:
             raise ValueError("QatConfig: `fp8_grad_format` must be an fp8 format or None.")
+        if self.fp8_scaling is not None:
+            if not self.fp8_matmul:
+                raise ValueError("QatConfig: `fp8_scaling` needs fp8 weight_format and activation_format.")
+            if self.weight_granularity != "per_tensor":
+                raise ValueError("QatConfig: `fp8_scaling` uses per-tensor scales; set "
+                                 "weight_granularity='per_tensor'.")
+            if self.learnable_scales:
+                raise ValueError("QatConfig: `fp8_scaling` and `learnable_scales` exclude each other.")
 
     @property
     def integer_matmul(self) -> bool:

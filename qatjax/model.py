@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qatjax.fake_quant import dequantize, quantize
+from qatjax import fp8 as fp8_lib
 from qatjax.flax import specs
 from qatjax.flax.layers import _FINALIZE, quant_mode
 from qatjax.formats import Format, format_code, format_from_code
@@ -186,7 +186,17 @@ def _layer_weight_qparams(variables: Variables, path, qp_tree) -> tuple[QParams,
         raise ValueError(f"layer {'/'.join(path)}: no params/kernel and no kernel_codes.")
     kernel = jnp.asarray(layer_params["kernel"], jnp.float32)
     w = kernel if kernel.ndim > 2 else kernel.T
-    if "kernel_scale" in layer_params:  # LSQ-learned
+    fp8_scaling, margin = (int(v) for v in np.asarray(qp_tree.get("fp8_spec", (0, 0))))
+    if fp8_scaling:  # the fp8 training recipe: one scale, current or from the delayed history
+        meta = _get(variables.get("fp8_meta", {}), path)
+        if fp8_scaling == 2:
+            if meta is None or "kernel_scale" not in meta:
+                raise ValueError(f"layer {'/'.join(path)}: delayed fp8 scaling state (fp8_meta) is missing.")
+            scale = jnp.asarray(meta["kernel_scale"], jnp.float32)
+        else:
+            scale = fp8_lib.scale_from_amax(fp8_lib.amax(w), fmt, margin, jnp.ones((), jnp.float32))
+        w_qp = QParams(scale, jnp.zeros((), jnp.int32))
+    elif "kernel_scale" in layer_params:  # LSQ-learned
         scale = layer_params["kernel_scale"]
         zp = layer_params.get("kernel_zero_point", jnp.zeros_like(scale))
         w_qp = QParams(*(specs.expand_weight_param(a, w.ndim) for a in (scale, zp)))

@@ -42,6 +42,7 @@ import numpy as np
 from jax import lax
 
 from qatjax import calibration
+from qatjax import fp8 as fp8_lib
 from qatjax.config import QatConfig
 from qatjax.fake_quant import fake_quant, lsq_grad_scale, quantize
 from qatjax.flax import specs
@@ -73,6 +74,21 @@ def quant_mode(mode: str) -> Iterator[None]:
         yield
     finally:
         _forced_mode.reset(token)
+
+
+class _HistoryVars:
+    """Two Flax variables seen as one :class:`qatjax.fp8.AmaxHistory`."""
+
+    def __init__(self, history, scale):
+        self._history, self._scale = history, scale
+
+    @property
+    def value(self) -> fp8_lib.AmaxHistory:
+        return fp8_lib.AmaxHistory(self._history.value, self._scale.value)
+
+    @value.setter
+    def value(self, state: fp8_lib.AmaxHistory) -> None:
+        self._history.value, self._scale.value = state.history, state.scale
 
 
 class _QuantLayer:
@@ -109,7 +125,8 @@ class _QuantLayer:
     # ------------------------------------------------------------------ activations
     def _act_static(self) -> bool:
         cfg = self.config
-        return cfg.activation_format is not None and cfg.activation_scaling == "static"
+        return (cfg.activation_format is not None and cfg.activation_scaling == "static"
+                and cfg.fp8_scaling is None)
 
     def _observer(self):
         cfg = self.config
@@ -221,9 +238,55 @@ class _QuantLayer:
             if self.is_mutable_collection("quant_params"):
                 self.put_variable("quant_params", name, value)
 
+    def _fp8_meta(self):
+        """Delayed-scaling state of the input and the kernel, as plain arrays in ``fp8_meta``:
+        ``{input,kernel}_amax_history [L]`` and ``{input,kernel}_scale ()``."""
+        n = self.config.amax_history_len
+        empty = fp8_lib.init_history(n)
+        return tuple(
+            _HistoryVars(self.variable("fp8_meta", f"{name}_amax_history", lambda: empty.history),
+                         self.variable("fp8_meta", f"{name}_scale", lambda: empty.scale))
+            for name in ("input", "kernel"))
+
+    def _fp8_recipe_forward(self, x: jax.Array, w_t: jax.Array | None, mode: str) -> jax.Array:
+        """The fp8 training recipe (``config.fp8_scaling``): float32 output before bias."""
+        cfg = self.config
+        delayed = cfg.fp8_scaling == "delayed"
+        x_fmt, w_fmt = cfg.activation_format, cfg.weight_format
+        one = jnp.ones((), jnp.float32)
+        x_amax = fp8_lib.amax(jax.lax.stop_gradient(x), self.axis_name)
+        if delayed:
+            meta_x, meta_w = self._fp8_meta()
+            x_scale = meta_x.value.scale
+        else:
+            x_scale = fp8_lib.scale_from_amax(x_amax, x_fmt, cfg.fp8_margin, one)
+        if self.has_variable("quant_params", "kernel_codes"):
+            qw = self.get_variable("quant_params", "kernel_codes")
+            w_scale = self.get_variable("quant_params", "kernel_scale")
+            return fp8_lib.dot_from_codes(fp8_lib.cast(x, x_scale, x_fmt), qw, x_scale, w_scale)
+        w_amax = fp8_lib.amax(jax.lax.stop_gradient(w_t))
+        w_scale = (meta_w.value.scale if delayed
+                   else fp8_lib.scale_from_amax(w_amax, w_fmt, cfg.fp8_margin, one))
+        if mode == "infer":
+            return fp8_lib.dot_from_codes(fp8_lib.cast(x, x_scale, x_fmt),
+                                          fp8_lib.cast(w_t, w_scale, w_fmt), x_scale, w_scale)
+        y = fp8_lib.fp8_dot(x, w_t, x_scale, w_scale, x_fmt, w_fmt, cfg.fp8_grad_format,
+                            cfg.fp8_margin, self.axis_name)
+        if delayed:
+            if not self.is_mutable_collection("fp8_meta"):
+                raise ValueError(
+                    f"{type(self).__name__} {self.path_str()}: delayed fp8 scaling updates its amax "
+                    "history in train mode; pass mutable=['fp8_meta'] to apply.")
+            kw = dict(margin=cfg.fp8_margin, algo=cfg.amax_compute_algo)
+            meta_x.value = fp8_lib.update_history(meta_x.value, x_amax, x_fmt, **kw)
+            meta_w.value = fp8_lib.update_history(meta_w.value, w_amax, w_fmt, **kw)
+        return y
+
     def _quantized_forward(self, x: jax.Array, w_t: jax.Array | None, mode: str, spec: DotSpec,
                            w_for_stats: jax.Array | None) -> jax.Array:
         """Output of train / infer mode in float32, before bias."""
+        if self.config.fp8_scaling is not None:
+            return self._fp8_recipe_forward(x, w_t, mode)
         x_qp = self._input_qparams(x, mode)
         if mode == "infer" and self.has_variable("quant_params", "kernel_codes"):
             qw = self.get_variable("quant_params", "kernel_codes")
@@ -320,6 +383,8 @@ class QatDense(_QuantLayer, nn.Dense):
         return y
 
     def _init_quant_state(self, inputs: jax.Array) -> None:
+        if self.config.fp8_scaling == "delayed":
+            self._fp8_meta()
         if self._act_static():
             self._observe(inputs, update=False)
         self._write_specs()
@@ -355,6 +420,9 @@ class QatConv(_QuantLayer, nn.Conv):
                              "use 'per_channel' or 'per_tensor'.")
         if cfg.weight_format is not None and not cfg.weight_symmetric:
             raise ValueError("QatConv: weights must be symmetric (weight_symmetric=True).")
+        if cfg.fp8_scaling is not None:
+            raise ValueError("QatConv: the fp8 training recipe (fp8_scaling) is implemented for "
+                             "QatDense only.")
         kernel_size = (self.kernel_size,) if isinstance(self.kernel_size, int) else tuple(self.kernel_size)
         if mode == "float" or mode == "init":
             if mode == "init":

@@ -38,15 +38,18 @@ __all__ = [
 
 def describe(cfg: QatConfig) -> dict[str, jax.Array]:
     """``kernel_spec = [format code, granularity index, group size, symmetric]`` and
-    ``input_spec = [format code, symmetric, static scaling, estimator index]`` as int32 arrays."""
+    ``input_spec = [format code, symmetric, static scaling, estimator index]`` and
+    ``fp8_spec = [fp8 scaling (0 none, 1 current, 2 delayed), margin]`` as int32 arrays."""
     return {
         "kernel_spec": jnp.array([
             format_code(cfg.weight_format), GRANULARITIES.index(cfg.weight_granularity),
             cfg.weight_group_size or 0, int(cfg.weight_symmetric)], jnp.int32),
         "input_spec": jnp.array([
             format_code(cfg.activation_format), int(cfg.activation_symmetric),
-            int(cfg.activation_scaling == "static"), ESTIMATORS.index(cfg.activation_estimator)],
-            jnp.int32),
+            int(cfg.activation_scaling == "static" and cfg.fp8_scaling is None),
+            ESTIMATORS.index(cfg.activation_estimator)], jnp.int32),
+        "fp8_spec": jnp.array([
+            (None, "current", "delayed").index(cfg.fp8_scaling), cfg.fp8_margin], jnp.int32),
     }
 
 

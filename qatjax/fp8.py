@@ -1,0 +1,151 @@
+"""fp8 training: current and delayed scaling, and the fp8 dot with an fp8 backward pass.
+
+The recipe of NVIDIA's Transformer Engine: forward operands in e4m3, the output
+gradient in e5m2, one per-tensor scale for each.
+
+* Current scaling: ``scale = amax(x now) / fp8_max * 2**margin``.
+* Delayed scaling: a history of the last ``L`` amaxes; the scale used at step ``t``
+  is ``max(history) / fp8_max * 2**margin`` (or the most recent amax), computed
+  from steps ``< t``; the amax of step ``t`` is pushed after quantizing. A zero or
+  non-finite amax keeps the previous scale.
+
+The output gradient is always scaled with its current amax, computed in the
+backward pass. Delayed scaling of gradients would need the backward pass to write
+state, which in JAX can only leave through a cotangent, i.e. an ``params`` entry
+that the optimizer must then special-case (Flax's ``OVERWRITE_WITH_GRADIENT``);
+current scaling keeps the training loop a plain optax loop.
+
+The straight-through estimator of this recipe is the identity (as in Transformer
+Engine): gradients flow through the quantized operands unmasked.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from qatjax.formats import FloatFormat
+from qatjax.integer import fp8_matmul
+
+__all__ = [
+    "AmaxHistory",
+    "init_history",
+    "scale_from_amax",
+    "update_history",
+    "fp8_dot",
+    "dot_from_codes",
+    "cast",
+    "amax",
+]
+
+
+class AmaxHistory(NamedTuple):
+    """Delayed-scaling state of one tensor.
+
+    Attributes:
+      history: float32 ``[L]``, most recent amax first (zeros before any step).
+      scale: float32 ``()``, the scale the next step uses (1.0 before any step).
+    """
+
+    history: jax.Array
+    scale: jax.Array
+
+
+def init_history(length: int) -> AmaxHistory:
+    """An empty history of ``length`` amaxes with scale 1."""
+    return AmaxHistory(jnp.zeros((length,), jnp.float32), jnp.ones((), jnp.float32))
+
+
+def amax(x: jax.Array, axis_name: str | None = None) -> jax.Array:
+    """``max|x|`` in float32 (NaN-propagating), reduced with ``pmax`` over ``axis_name``."""
+    a = jnp.max(jnp.abs(x)).astype(jnp.float32)
+    return a if axis_name is None else lax.pmax(a, axis_name)
+
+
+def scale_from_amax(a: jax.Array, fmt: FloatFormat, margin: int, previous: jax.Array) -> jax.Array:
+    """``a / fmt.max * 2**margin``; a zero or non-finite ``a`` keeps ``previous``."""
+    new = a / jnp.float32(fmt.max) * jnp.float32(2.0**margin)
+    return jnp.where(jnp.isfinite(a) & (a > 0), new, previous)
+
+
+def update_history(state: AmaxHistory, current_amax: jax.Array, fmt: FloatFormat, *,
+                   margin: int = 0, algo: str = "max") -> AmaxHistory:
+    """Pushes ``current_amax`` and computes the scale of the next step.
+
+    Non-finite amaxes are not pushed (the history and the scale stay as they were).
+    """
+    finite = jnp.isfinite(current_amax)
+    pushed = jnp.roll(state.history, 1).at[0].set(current_amax)
+    history = jnp.where(finite, pushed, state.history)
+    a = history[0] if algo == "most_recent" else jnp.max(history)
+    return AmaxHistory(history, scale_from_amax(a, fmt, margin, state.scale))
+
+
+def cast(x: jax.Array, scale: jax.Array, fmt: FloatFormat) -> jax.Array:
+    """Saturating fp8 cast of ``x / scale`` (the codes of :func:`qatjax.quantize`)."""
+    from qatjax.fake_quant import quantize
+    from qatjax.qparams import QParams
+
+    return quantize(x, QParams(scale, jnp.zeros((), jnp.int32)), fmt)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+def fp8_dot(x, w_t, x_scale, w_scale, x_fmt, w_fmt, g_fmt, g_margin, axis_name):
+    """``x @ w_t.T`` with fp8 operands, forward and backward.
+
+    Args:
+      x: float ``[..., K]``; w_t: float ``[N, K]``.
+      x_scale, w_scale: float32 scalars (per-tensor).
+      x_fmt, w_fmt: fp8 formats of the operands (e4m3); g_fmt: fp8 format of the
+        output gradient (e5m2) or None to keep the backward in float32.
+      g_margin: margin of the gradient's current scaling.
+      axis_name: mapped axis to reduce the gradient amax over (None: local).
+    Returns:
+      float32 ``[..., N]`` = ``fp8_matmul(q(x), q(w)) * x_scale * w_scale``.
+    """
+    return _fp8_forward(x, w_t, x_scale, w_scale, x_fmt, w_fmt)[0]
+
+
+def dot_from_codes(qx: jax.Array, qw: jax.Array, x_scale: jax.Array, w_scale: jax.Array) -> jax.Array:
+    """The forward of :func:`fp8_dot` on codes (shared by training and serving):
+    ``fp8_matmul(qx, qw) * (x_scale * w_scale)``, float32 ``[..., N]``."""
+    return fp8_matmul(qx, qw) * (x_scale * w_scale)
+
+
+def _fp8_forward(x, w_t, x_scale, w_scale, x_fmt, w_fmt):
+    qx = cast(x, x_scale, x_fmt)
+    qw = cast(w_t, w_scale, w_fmt)
+    return dot_from_codes(qx, qw, x_scale, w_scale), qx, qw
+
+
+def _fp8_dot_fwd(x, w_t, x_scale, w_scale, x_fmt, w_fmt, g_fmt, g_margin, axis_name):
+    y, qx, qw = _fp8_forward(x, w_t, x_scale, w_scale, x_fmt, w_fmt)
+    # Residuals are the fp8 codes: a quarter of the float32 activations' memory.
+    return y, (qx, qw, x_scale, w_scale, jnp.zeros((), x.dtype), jnp.zeros((), w_t.dtype))
+
+
+def _fp8_dot_bwd(x_fmt, w_fmt, g_fmt, g_margin, axis_name, res, g):
+    qx, qw, x_scale, w_scale, x_proto, w_proto = res
+    g = g.astype(jnp.float32)
+    batch = tuple(range(g.ndim - 1))
+    if g_fmt is None:
+        x_hat = qx.astype(jnp.float32) * x_scale
+        w_hat = qw.astype(jnp.float32) * w_scale
+        dx = lax.dot_general(g, w_hat, (((g.ndim - 1,), (0,)), ((), ())))
+        dw = lax.dot_general(g, x_hat, ((batch, batch), ((), ())))
+    else:
+        g_scale = scale_from_amax(amax(g, axis_name), g_fmt, g_margin, jnp.ones((), jnp.float32))
+        qg = cast(g, g_scale, g_fmt)
+        dx = lax.dot_general(qg, qw, (((g.ndim - 1,), (0,)), ((), ())),
+                             preferred_element_type=jnp.float32) * (g_scale * w_scale)
+        dw = lax.dot_general(qg, qx, ((batch, batch), ((), ())),
+                             preferred_element_type=jnp.float32) * (g_scale * x_scale)
+    return (dx.astype(x_proto.dtype), dw.astype(w_proto.dtype), jnp.zeros_like(x_scale),
+            jnp.zeros_like(w_scale))
+
+
+fp8_dot.defvjp(_fp8_dot_fwd, _fp8_dot_bwd)
