@@ -34,6 +34,7 @@ from qatjax.model import (
     calibrate_model,
     convert,
     dequantize_weights,
+    finalize,
     quant_report,
     quantize_model_weights,
 )

@@ -28,6 +28,7 @@ from qatjax.qparams import QParams
 
 __all__ = [
     "calibrate",
+    "finalize",
     "calibrate_model",
     "CalibrationReport",
     "LayerReport",
@@ -88,12 +89,6 @@ def calibrate(
             _, upd = model.apply(v, *args, mutable=["quant_stats"], **kwargs)
         return upd["quant_stats"]
 
-    @jax.jit
-    def finalize(v, args):
-        with quant_mode(_FINALIZE):
-            _, upd = model.apply(v, *args, mutable=["quant_params", "params"], **kwargs)
-        return upd
-
     iterator = batches
     if progress:
         from tqdm.auto import tqdm
@@ -105,7 +100,33 @@ def calibrate(
         variables["quant_stats"] = step(variables, last)
     if last is None:
         raise ValueError("calibrate: `batches` yielded no batch.")
-    return _merge(variables, finalize(variables, last))
+    return finalize(model, variables, last, apply_kwargs=kwargs)
+
+
+def finalize(model: nn.Module, variables: Variables, sample: Any, *,
+             apply_kwargs: Mapping[str, Any] | None = None) -> dict:
+    """Turns accumulated ``quant_stats`` into ``quant_params`` (the last step of :func:`calibrate`).
+
+    Use it when the statistics were collected elsewhere, e.g. by ``mode="calibrate"``
+    applies under ``pmap`` / ``shard_map`` with layers given an ``axis_name``.
+
+    Args:
+      model: the Flax module.
+      variables: its variables, with ``quant_stats``.
+      sample: one input batch (a tuple is unpacked), used only to trace the model.
+      apply_kwargs: extra keyword arguments for ``model.apply``.
+    Returns:
+      A new variables dict with ``quant_params`` (and LSQ ``params``) filled.
+    """
+    kwargs = dict(apply_kwargs or {})
+
+    @jax.jit
+    def run(v, args):
+        with quant_mode(_FINALIZE):
+            _, upd = model.apply(v, *args, mutable=["quant_params", "params"], **kwargs)
+        return upd
+
+    return _merge(variables, run(dict(variables), _as_args(sample)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,14 +226,36 @@ def _layer_weight_qparams(variables: Variables, path, qp_tree) -> tuple[QParams,
     return w_qp, w, spec
 
 
+def _saturation(state: Any, lo: float, hi: float, signed: bool) -> tuple[float | None, int]:
+    """Fraction of observed values outside ``[lo, hi]`` and the count of skipped non-finite
+    values. Histogram states (also as restored dicts) count the bins whose center lies
+    outside; other observers give None. ``signed``: the histogram is of ``x``, not ``|x|``."""
+    get = (lambda k: state[k]) if isinstance(state, Mapping) else (lambda k: getattr(state, k))  # noqa: E731
+    nonfinite = int(np.asarray(get("num_nonfinite")))
+    try:
+        counts = np.asarray(get("counts"), np.float64)
+    except (KeyError, AttributeError):
+        return None, nonfinite
+    total = counts.sum()
+    if total == 0:
+        return 0.0, nonfinite
+    n = counts.shape[-1]
+    per_side = n // 2 if signed else n
+    width = 2.0 ** (int(np.asarray(get("exponent"))) - int(np.log2(per_side)))
+    if signed:
+        centers = (np.arange(n) - per_side + 0.5) * width
+        outside = (centers < lo) | (centers > hi)
+    else:
+        outside = (np.arange(n) + 0.5) * width > max(abs(lo), abs(hi))
+    return float(counts[outside].sum() / total), nonfinite
+
+
 def quant_report(variables: Variables) -> CalibrationReport:
     """The per-layer table from variables alone (calibrated, trained or converted).
 
     Saturation is the fraction of the activation histogram's mass above the chosen
     range (histogram observers only).
     """
-    from qatjax import calibration
-
     rows = []
     for path, qp_tree in _layers(variables):
         fmt, gran, group, sym = specs.parse_kernel_spec(qp_tree["kernel_spec"])
@@ -232,8 +275,7 @@ def quant_report(variables: Variables) -> CalibrationReport:
             hi = (float(in_fmt.qmax) - (0 if zp is None else float(np.round(zp)))) * float(scale)
             amax = max(abs(lo), abs(hi))
             if stats is not None and "input" in stats:
-                summary = calibration.summarize(stats["input"], lo, hi)
-                sat, nonfinite = summary.saturation, summary.nonfinite
+                sat, nonfinite = _saturation(stats["input"], lo, hi, signed=not in_sym)
         rows.append(LayerReport(
             path="/".join(path),
             weight_format="float" if fmt is None else fmt.name,
@@ -342,7 +384,7 @@ def dequantize_weights(exported: Mapping[str, Any]) -> dict:
                          for n in ("scale", "zero_point")))
         w = specs.dequantize_weight_codes(codes, w_qp, DotSpec(None, fmt, group_size=group))
         node = params
-        for k in key.split("/"):
+        for k in (key.split("/") if key else ()):
             node = node.setdefault(k, {})
         node["kernel"] = w if conv else w.T
     return params

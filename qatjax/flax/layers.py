@@ -143,7 +143,7 @@ class _QuantLayer:
         stats = self.variable("quant_stats", "input", obs.init, jnp.zeros((1,), jnp.float32))
         if update:
             x32 = jax.lax.stop_gradient(x).astype(jnp.float32)
-            stats.value = calibration.observe(obs, stats.value, x32, axis_name=self.axis_name)
+            stats.value = obs.update(stats.value, x32, axis_name=self.axis_name)
         return stats.value
 
     def _input_qparams(self, x: jax.Array, mode: str) -> QParams | None:
@@ -179,9 +179,9 @@ class _QuantLayer:
         """Turns the observer state into activation QParams (quant_params, or params for LSQ)."""
         cfg = self.config
         state = self.get_variable("quant_stats", "input")
-        qp = calibration.estimate(
-            state, cfg.activation_format, cfg.activation_estimator,
-            symmetric=cfg.activation_symmetric, percentile=cfg.percentile)
+        kwargs = {"p": cfg.percentile} if cfg.activation_estimator == "percentile" else {}
+        qp = calibration.estimate(state, cfg.activation_format, cfg.activation_estimator,
+                                  symmetric=cfg.activation_symmetric, **kwargs)
         col = "params" if cfg.learnable_scales else "quant_params"
         self.put_variable(col, "input_scale", qp.scale.astype(jnp.float32))
         if not cfg.activation_symmetric:
@@ -231,6 +231,22 @@ class _QuantLayer:
             ste=cfg.ste,
             group_size=cfg.weight_group_size if cfg.weight_granularity == "per_group" else None,
             x_grad_scale=x_gs, w_grad_scale=w_gs, **extra)
+
+    def _observe_or_finalize(self, inputs: jax.Array, mode: str) -> None:
+        """The quantization bookkeeping of the float-output modes.
+
+        init: create the observer state and the descriptors; calibrate: update the
+        observer; finalize: estimate the activation parameters and write the descriptors.
+        """
+        if mode == "float":
+            return
+        if self._act_static():
+            if mode == _FINALIZE:
+                self._finalize_input()
+            else:
+                self._observe(inputs, update=mode == "calibrate")
+        if mode in ("init", _FINALIZE):
+            self._write_specs()
 
     def _write_specs(self) -> None:
         cfg = self.config
@@ -338,16 +354,19 @@ class QatDense(_QuantLayer, nn.Dense):
         self._check_config()
         mode = self._resolve_mode(mode)
         converted = self.has_variable("quant_params", "kernel_codes")
-        if mode == "float" or mode == "init":
-            y = nn.Dense.__call__(self, inputs)
-            if mode == "init":
-                self._init_quant_state(inputs)
-            return y
         if converted and mode != "infer":
             raise ValueError(
                 f"QatDense {self.path_str()}: these variables were converted for serving (no float "
                 f"kernel); only mode='infer' can run them, got mode={mode!r}."
             )
+        if mode in ("float", "init", "calibrate", _FINALIZE):
+            self._observe_or_finalize(inputs, mode)
+            y = nn.Dense.__call__(self, inputs)
+            if mode == "init":
+                self._init_quant_state(inputs)
+            if mode == _FINALIZE:
+                self._learnable_kernel_scale(self.get_variable("params", "kernel").T, reset=True)
+            return y
         if converted:
             k_in = self.get_variable("quant_params", "kernel_codes").shape[-1]
             kernel = None
@@ -361,16 +380,6 @@ class QatDense(_QuantLayer, nn.Dense):
                 f"axis, but the kernel expects {k_in}."
             )
         bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
-        if mode in ("calibrate", _FINALIZE):
-            if self._act_static():
-                if mode == "calibrate":
-                    self._observe(inputs, update=True)
-                else:
-                    self._finalize_input()
-            if mode == _FINALIZE:
-                self._write_specs()
-                self._learnable_kernel_scale(kernel.T, reset=True)
-            return nn.Dense.__call__(self, inputs)
         inputs, kernel_p, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
         w_t = None if kernel_p is None else kernel_p.T
         per_scale = k_in if self.config.weight_granularity != "per_group" else self.config.weight_group_size
@@ -385,9 +394,6 @@ class QatDense(_QuantLayer, nn.Dense):
     def _init_quant_state(self, inputs: jax.Array) -> None:
         if self.config.fp8_scaling == "delayed":
             self._fp8_meta()
-        if self._act_static():
-            self._observe(inputs, update=False)
-        self._write_specs()
         if self.config.learnable_scales and self.config.weight_format is not None:
             self._learnable_kernel_scale(self.get_variable("params", "kernel").T, reset=False)
 
@@ -424,25 +430,13 @@ class QatConv(_QuantLayer, nn.Conv):
             raise ValueError("QatConv: the fp8 training recipe (fp8_scaling) is implemented for "
                              "QatDense only.")
         kernel_size = (self.kernel_size,) if isinstance(self.kernel_size, int) else tuple(self.kernel_size)
-        if mode == "float" or mode == "init":
-            if mode == "init":
-                if self._act_static():
-                    self._observe(inputs, update=False)
-                self._write_specs()
-            return nn.Conv.__call__(self, inputs)
         converted = self.has_variable("quant_params", "kernel_codes")
         if converted and mode != "infer":
             raise ValueError(
                 f"QatConv {self.path_str()}: these variables were converted for serving; only "
                 f"mode='infer' can run them, got mode={mode!r}.")
-        if mode in ("calibrate", _FINALIZE):
-            if self._act_static():
-                if mode == "calibrate":
-                    self._observe(inputs, update=True)
-                else:
-                    self._finalize_input()
-            if mode == _FINALIZE:
-                self._write_specs()
+        if mode in ("float", "init", "calibrate", _FINALIZE):
+            self._observe_or_finalize(inputs, mode)
             return nn.Conv.__call__(self, inputs)
         return self._quantized_conv(inputs, kernel_size, mode, converted)
 

@@ -1,0 +1,265 @@
+"""Model tools: calibrate, report, convert, export / import, checkpoints, multi-device calibration."""
+
+import flax.linen as nn
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import qatjax
+from qatjax.config import QatConfig
+from qatjax.flax import QatConv, QatDense
+
+
+class Net(nn.Module):
+    config: QatConfig
+    axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x, mode=None):
+        kw = dict(config=self.config, axis_name=self.axis_name)
+        x = nn.relu(QatConv(4, (3, 3), **kw)(x, mode=mode))
+        x = x.reshape(x.shape[:-3] + (-1,))
+        x = nn.relu(QatDense(16, **kw)(x, mode=mode))
+        return QatDense(3, **kw)(x, mode=mode)
+
+
+def _batches(n=4, seed=0):
+    keys = jax.random.split(jax.random.key(seed), n)
+    return [jax.random.normal(k, (8, 6, 6, 2)) for k in keys]
+
+
+def _calibrated(cfg, batches=None):
+    batches = batches or _batches()
+    model = Net(cfg)
+    v = model.init(jax.random.key(1), batches[0])
+    return model, qatjax.calibrate(model, v, batches)
+
+
+@pytest.mark.parametrize("estimator", ["minmax", "percentile", "entropy", "mse"])
+def test_calibrate_fills_quant_params_with_the_configured_estimator(estimator):
+    cfg = QatConfig(activation_estimator=estimator)
+    batches = _batches()
+    model, v = _calibrated(cfg, batches)
+    layer = v["quant_params"]["QatDense_0"]
+    assert layer["input_scale"].shape == () and float(layer["input_scale"]) > 0
+    # The layer's estimate equals the estimator on a histogram of the layer's inputs.
+    _, inter = model.apply(v, batches[0], mode="float", capture_intermediates=True,
+                           mutable=["intermediates"])
+    xs = [model.apply(v, b, mode="float", capture_intermediates=True, mutable=["intermediates"])[1]
+          for b in batches]
+    obs = qatjax.calibration.histogram(cfg.num_bins)
+    state = obs.init()
+    for inter in xs:
+        conv_out = inter["intermediates"]["QatConv_0"]["__call__"][0]
+        state = obs.update(state, jax.nn.relu(conv_out).reshape(8, -1))
+    kwargs = {"p": cfg.percentile} if estimator == "percentile" else {}
+    ref = qatjax.calibration.estimate(state, qatjax.int8, estimator, **kwargs)
+    assert float(layer["input_scale"]) == float(ref.scale)
+    # Infer mode then runs, and equals train mode bit for bit.
+    np.testing.assert_array_equal(np.asarray(model.apply(v, batches[0], mode="infer")),
+                                  np.asarray(model.apply(v, batches[0], mode="train")))
+
+
+def test_uint8_affine_activations_after_calibration():
+    cfg = QatConfig(activation_format="uint8", activation_symmetric=False, activation_estimator="mse")
+    model, v = _calibrated(cfg)
+    zp = v["quant_params"]["QatDense_0"]["input_zero_point"]
+    assert zp.dtype == jnp.int32 and 0 <= int(zp) <= 255
+    x = _batches(1, seed=5)[0]
+    served = qatjax.convert(v)
+    np.testing.assert_array_equal(np.asarray(model.apply(served, x, mode="infer")),
+                                  np.asarray(model.apply(v, x, mode="train")))
+
+
+def test_report_lists_every_layer():
+    model, v = _calibrated(QatConfig(activation_estimator="entropy"))
+    report = qatjax.quant_report(v)
+    assert [r.path for r in report.layers] == ["QatConv_0", "QatDense_0", "QatDense_1"]
+    text = str(report)
+    assert "entropy" in text and "int8 per_channel" in text
+    for r in report.layers:
+        assert 0.0 <= r.saturation < 0.05 and r.nonfinite_skipped == 0
+        assert r.input_scale > 0 and r.weight_scale_min > 0
+    v2, report2 = qatjax.calibrate_model(model, model.init(jax.random.key(1), _batches()[0]), _batches())
+    assert str(report2) == text
+
+
+def test_calibration_counts_and_skips_nonfinite_values():
+    batches = _batches(2)
+    batches[0] = batches[0].at[0, 0, 0, 0].set(jnp.nan).at[1, 0, 0, 0].set(jnp.inf)
+    model, v = _calibrated(QatConfig(), batches)
+    report = qatjax.quant_report(v)
+    assert report.layers[0].nonfinite_skipped == 2
+    assert np.isfinite(report.layers[0].input_scale)
+
+
+def test_infer_and_convert_before_calibration_are_clear_errors():
+    model = Net(QatConfig())
+    v = model.init(jax.random.key(1), _batches(1)[0])
+    with pytest.raises(ValueError, match="qatjax.calibrate"):
+        model.apply(v, _batches(1)[0], mode="infer")
+    with pytest.raises(ValueError, match="calibrate first"):
+        qatjax.convert(v)
+    with pytest.raises(ValueError, match="no batch"):
+        qatjax.calibrate(model, v, [])
+
+
+def test_float_checkpoint_loads_unchanged_and_calibrates():
+    class FloatNet(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.relu(nn.Conv(4, (3, 3))(x))
+            x = x.reshape(x.shape[:-3] + (-1,))
+            x = nn.relu(nn.Dense(16)(x))
+            return nn.Dense(3)(x)
+
+    x = _batches(1)[0]
+    float_params = FloatNet().init(jax.random.key(3), x)["params"]
+    float_params = {k.replace("Conv", "QatConv").replace("Dense", "QatDense"): p
+                    for k, p in float_params.items()}
+    model = Net(QatConfig())
+    np.testing.assert_array_equal(np.asarray(model.apply({"params": float_params}, x, mode="float")),
+                                  np.asarray(FloatNet().apply({"params": {
+                                      k.replace("Qat", ""): p for k, p in float_params.items()}}, x)))
+    v = qatjax.calibrate(model, {"params": float_params}, _batches())
+    assert "input_scale" in v["quant_params"]["QatDense_1"]
+
+
+def test_convert_stores_codes_only_and_export_round_trips():
+    cfg = QatConfig(weight_format="int4")
+    model, v = _calibrated(cfg)
+    served = qatjax.convert(v)
+    for name in ("QatConv_0", "QatDense_0", "QatDense_1"):
+        assert "kernel" not in served["params"][name]
+        codes = served["quant_params"][name]["kernel_codes"]
+        assert codes.dtype == jnp.int8
+        assert int(codes.min()) >= -8 and int(codes.max()) <= 7
+    assert served["quant_params"]["QatDense_0"]["kernel_codes"].shape == (16, 144)  # [out, in]
+    assert "quant_stats" not in served
+    # The input is not modified.
+    assert "kernel" in v["params"]["QatDense_0"]
+    exported = qatjax.quantize_model_weights(v)
+    layer = exported["layers"]["QatDense_0"]
+    assert layer["codes"].dtype == jnp.uint8 and layer["codes"].shape == (16, 72)  # packed
+    imported = qatjax.dequantize_weights(exported)
+    # Import gives exactly the fake-quantized kernels that train mode uses.
+    w = v["params"]["QatDense_0"]["kernel"]
+    wq = qatjax.flax.layers.specs.weight_qparams(w.T, cfg)
+    np.testing.assert_array_equal(np.asarray(imported["QatDense_0"]["kernel"]),
+                                  np.asarray(qatjax.fake_quant(w.T, wq, qatjax.int4).T))
+    np.testing.assert_array_equal(np.asarray(imported["QatDense_0"]["bias"]),
+                                  np.asarray(v["params"]["QatDense_0"]["bias"]))
+
+
+def test_per_group_affine_export_round_trip():
+    cfg = QatConfig(weight_format="int4", weight_granularity="per_group", weight_group_size=8,
+                    weight_symmetric=False)
+    layer = QatDense(5, config=cfg.replace(activation_scaling="dynamic"))
+    x = jnp.ones((2, 16))
+    v = layer.init(jax.random.key(0), x)
+    exported = qatjax.quantize_model_weights(v)
+    imported = qatjax.dequantize_weights(exported)
+    w_t = v["params"]["kernel"].T
+    g = qatjax.split_groups(w_t, 1, 8)
+    qp = qatjax.qparams_from_minmax(g.min(2, keepdims=True), g.max(2, keepdims=True), qatjax.int4,
+                                    symmetric=False)
+    ref = qatjax.merge_groups(qatjax.fake_quant(g, qp, qatjax.int4), 1).T
+    np.testing.assert_array_equal(np.asarray(imported["kernel"]), np.asarray(ref))
+
+
+def _assert_trees_equal(a, b):
+    la, ta = jax.tree_util.tree_flatten(a)
+    lb, tb = jax.tree_util.tree_flatten(b)
+    assert ta == tb
+    for x, y in zip(la, lb):
+        assert np.asarray(x).dtype == np.asarray(y).dtype
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_every_collection_round_trips_through_flax_serialization_and_orbax(tmp_path):
+    model, v = _calibrated(QatConfig(activation_format="uint8", activation_symmetric=False))
+    for variables in (v, qatjax.convert(v)):
+        restored = flax.serialization.from_bytes(variables, flax.serialization.to_bytes(variables))
+        _assert_trees_equal(restored, variables)
+    import orbax.checkpoint as ocp
+
+    path = tmp_path / "orbax"
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(path, v)
+    checkpointer.wait_until_finished()
+    restored = checkpointer.restore(path, v)
+    _assert_trees_equal(restored, v)
+    x = _batches(1, seed=9)[0]
+    np.testing.assert_array_equal(np.asarray(model.apply(restored, x, mode="infer")),
+                                  np.asarray(model.apply(v, x, mode="infer")))
+    # qatjax.checkpoint: a file that never overwrites silently, loaded back exactly.
+    f = tmp_path / "model.msgpack"
+    qatjax.checkpoint.save(f, v)
+    with pytest.raises(FileExistsError):
+        qatjax.checkpoint.save(f, v)
+    loaded = flax.serialization.from_state_dict(v, qatjax.checkpoint.load(f))
+    _assert_trees_equal(loaded, v)
+    # The report works on a restored checkpoint without the model.
+    assert str(qatjax.quant_report(qatjax.checkpoint.load(f))) == str(qatjax.quant_report(v))
+
+
+def _shard_map():
+    return qatjax.calibration.shard_map
+
+
+@pytest.mark.parametrize("estimator,symmetric", [("entropy", True), ("mse", False)])
+def test_calibration_over_8_devices_equals_single_device(estimator, symmetric):
+    n = jax.local_device_count()
+    assert n == 8
+    cfg = QatConfig(activation_estimator=estimator, activation_symmetric=symmetric,
+                    activation_format="int8" if symmetric else "uint8")
+    batches = _batches(3, seed=4)
+    single = Net(cfg)
+    v0 = single.init(jax.random.key(1), batches[0])
+    ref = qatjax.calibrate(single, v0, batches)
+
+    model = Net(cfg, axis_name="batch")
+    params = v0["params"]
+
+    def step(stats, x):
+        _, upd = model.apply({"params": params, "quant_stats": stats}, x, mode="calibrate",
+                             mutable=["quant_stats"])
+        return upd["quant_stats"]
+
+    # pmap: each device sees 1/8 of every batch.
+    stats = jax.tree_util.tree_map(lambda a: jnp.stack([a] * n), v0["quant_stats"])
+    pstep = jax.pmap(step, axis_name="batch")
+    for b in batches:
+        stats = pstep(stats, b.reshape((n, -1) + b.shape[1:]))
+    # The first layer sees the raw batch: its statistics are bit-identical. Deeper layers see
+    # activations that XLA:CPU computes with batch-size-dependent blocking (last-bit
+    # differences in the float convolution itself), so they are compared to float rounding.
+    for d in range(n):
+        local = jax.tree_util.tree_map(lambda a: a[d], stats)
+        _assert_stats_match(local, ref["quant_stats"])
+
+    # shard_map over a 1-D mesh, same result.
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("batch",))
+    P = jax.sharding.PartitionSpec
+    sstep = jax.jit(_shard_map()(step, mesh=mesh, in_specs=(P(), P("batch")), out_specs=P()))
+    stats = v0["quant_stats"]
+    for b in batches:
+        stats = sstep(stats, b)
+    _assert_stats_match(stats, ref["quant_stats"])
+    # Finalizing the multi-device statistics gives the single-device qparams.
+    fin = qatjax.finalize(single, {"params": params, "quant_stats": stats}, batches[0])
+    _assert_trees_equal(fin["quant_params"]["QatConv_0"], ref["quant_params"]["QatConv_0"])
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b),
+                                                                   rtol=1e-5),
+                           fin["quant_params"], ref["quant_params"])
+
+
+def _assert_stats_match(got, ref):
+    _assert_trees_equal(got["QatConv_0"], ref["QatConv_0"])
+    for name in ("QatDense_0", "QatDense_1"):
+        a, b = got[name]["input"], ref[name]["input"]
+        np.testing.assert_allclose(np.asarray(a.hi), np.asarray(b.hi), rtol=1e-6)
+        assert int(a.exponent) == int(b.exponent)
+        assert int(np.abs(np.asarray(a.counts) - np.asarray(b.counts)).sum()) <= 2
