@@ -12,6 +12,7 @@ from typing import NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from qatjax.formats import Format, as_format
 
@@ -59,7 +60,7 @@ def qparams_from_amax(amax: jax.typing.ArrayLike, fmt: Format) -> QParams:
     """
     fmt = as_format(fmt)
     amax = jnp.abs(jnp.asarray(amax, jnp.float32))
-    scale = jnp.maximum(amax / jnp.float32(fmt.qmax), jnp.float32(SCALE_EPS))
+    scale = jnp.maximum(_divide(amax, jnp.float32(fmt.qmax)), jnp.float32(SCALE_EPS))
     return QParams(scale, jnp.zeros(scale.shape, jnp.int32))
 
 
@@ -99,8 +100,8 @@ def qparams_from_minmax(
     if symmetric or fmt.is_float:
         return qparams_from_amax(jnp.maximum(-lo, hi), fmt)
     qmin, qmax = float(fmt.qmin), float(fmt.qmax)
-    scale = jnp.maximum((hi - lo) / jnp.float32(qmax - qmin), jnp.float32(SCALE_EPS))
-    zero_point = jnp.clip(jnp.float32(qmin) - jnp.round(lo / scale), qmin, qmax)
+    scale = jnp.maximum(_divide(hi - lo, jnp.float32(qmax - qmin)), jnp.float32(SCALE_EPS))
+    zero_point = jnp.clip(jnp.float32(qmin) - jnp.round(_divide(lo, scale)), qmin, qmax)
     return QParams(scale, zero_point.astype(jnp.int32))
 
 
@@ -146,6 +147,62 @@ def merge_groups(x: jax.Array, axis: int) -> jax.Array:
     """Merges axes ``axis`` and ``axis + 1`` back into one (inverse of :func:`split_groups`)."""
     axis = _normalize_axis(axis, x.ndim - 1, "axis")
     return x.reshape(x.shape[:axis] + (x.shape[axis] * x.shape[axis + 1],) + x.shape[axis + 2:])
+
+
+@jax.custom_jvp
+def _divide(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``a / b`` in float32, correctly rounded (IEEE round-to-nearest-even), for ``b > 0``.
+
+    XLA's algebraic simplifier rewrites ``a / b`` as ``a * (1 / b)`` when ``b`` is a
+    constant or (on CPU) a broadcast, which rounds twice and misses the IEEE quotient
+    by one ulp for many inputs; torch, numpy and ml_dtypes references divide exactly.
+    ``y = a / b`` as XLA computes it is within 1.5 ulp of ``a / b`` either way, so the
+    exact residual ``r = |a| - |y| * b`` (Dekker's error-free product, with 12-bit
+    halves split off by bit masking, which no simplifier can rewrite) says whether the
+    correctly rounded quotient is ``|y|``, the next float up or the next one down.
+    Exact while ``|a / b|`` is 0 or at least ``2**-103`` and ``|y| * b`` does not
+    overflow; XLA:CPU flushes float32 subnormals to zero whatever is done here.
+    Differentiable as ``a / b``.
+
+    Args:
+      a: float32 array.
+      b: float32 array broadcastable against ``a``, positive and finite.
+    Returns:
+      The float32 quotient of the broadcast shape.
+    """
+    y = a / b
+    abs_y = jnp.abs(y)
+    product = abs_y * b
+    y_hi, y_lo = _split12(abs_y)
+    b_hi, b_lo = _split12(b)
+    product_err = y_lo * b_lo - (((product - y_hi * b_hi) - y_lo * b_hi) - y_hi * b_lo)
+    residual = (jnp.abs(a) - product) - product_err
+    y_bits = lax.bitcast_convert_type(abs_y, jnp.uint32)
+    exponent = jnp.maximum(y_bits & np.uint32(0x7F800000), np.uint32(24 << 23))
+    half_ulp = lax.bitcast_convert_type(exponent - np.uint32(24 << 23), jnp.float32)
+    # Below a power of two the spacing halves.
+    half_ulp_down = jnp.where(y_bits & np.uint32(0x7FFFFF) == 0, half_ulp * 0.5, half_ulp)
+    abs_q = jnp.where(
+        residual > half_ulp * b,
+        abs_y + 2.0 * half_ulp,
+        jnp.where(residual < -(half_ulp_down * b), abs_y - 2.0 * half_ulp_down, abs_y),
+    )
+    return jnp.where(jnp.signbit(a), -abs_q, abs_q)
+
+
+@_divide.defjvp
+def _divide_jvp(primals, tangents):
+    a, b = primals
+    da, db = tangents
+    q = _divide(a, b)
+    return q, (da - q * db) / b
+
+
+def _split12(v: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``v = hi + lo`` exactly: ``hi`` is ``v`` rounded to 12 significant bits, ``|lo| <= ulp(hi)/2``."""
+    bits = lax.bitcast_convert_type(v, jnp.uint32)
+    hi = lax.bitcast_convert_type((bits + np.uint32(0x800)) & np.uint32(0xFFFFF000), jnp.float32)
+    return hi, v - hi
 
 
 def _normalize_axis(axis: int, ndim: int, argname: str) -> int:

@@ -1,0 +1,177 @@
+"""Calibrate over 8 devices (pmap and shard_map) and get the single-device result exactly.
+
+    python examples/multi_device_calibration.py
+
+Data-parallel calibration: each device sees a slice of every calibration batch. Give
+the qatjax layers an ``axis_name`` (``QatDense(..., axis_name="batch")``, here through
+``DigitsMLP(axis_name="batch")``) and every observer update reduces its batch
+statistics over that mapped axis (psum of histogram counts, pmin / pmax of ranges)
+before folding them in, so all replicas hold the statistics of the *global* batch.
+The histogram is aligned and exactly mergeable, so the result does not depend on the
+device count: the quantization parameters equal single-device calibration bit for bit.
+
+Steps:
+
+1. Collect statistics: ``model.apply(variables, x, mode="calibrate",
+   mutable=["quant_stats"])`` once per batch, under ``jax.pmap`` and under
+   ``shard_map`` over a 1-D mesh of 8 devices.
+2. Finalize: ``qatjax.finalize(model, variables, sample)`` turns the statistics into
+   ``quant_params`` (the last step of ``qatjax.calibrate``).
+3. Compare with ``qatjax.calibrate`` on one device over the same images, in batches of
+   the per-device size: statistics and parameters are equal, asserted. (The batch shape
+   matters only through the float forward pass: XLA may round a 128-row matmul
+   differently from a 16-row one, so deeper layers can see inputs an ulp apart.)
+
+Without 8 accelerators the example uses 8 CPU devices, forced with
+``--xla_force_host_platform_device_count=8`` (set before jax is imported).
+"""
+
+from __future__ import annotations
+
+import os
+
+NUM_DEVICES = 8
+# Must happen before jax initialises its backends (i.e. before `import jax` anywhere).
+if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + f" --xla_force_host_platform_device_count={NUM_DEVICES}").strip()
+
+import argparse  # noqa: E402
+import sys  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import Mesh, PartitionSpec as P  # noqa: E402
+
+try:  # jax >= 0.7
+    from jax import shard_map
+except ImportError:  # older jax
+    from jax.experimental.shard_map import shard_map
+
+import qatjax  # noqa: E402
+from qatjax import QatConfig, digits  # noqa: E402
+
+
+def calibration_devices() -> list:
+    """8 devices: the default backend's if it has 8, else the (forced) CPU devices."""
+    devices = jax.devices()
+    if len(devices) < NUM_DEVICES:
+        devices = jax.devices("cpu")
+    if len(devices) < NUM_DEVICES:
+        raise RuntimeError(
+            f"need {NUM_DEVICES} devices, found {len(devices)}: set XLA_FLAGS="
+            f"--xla_force_host_platform_device_count={NUM_DEVICES} before jax is imported.")
+    return devices[:NUM_DEVICES]
+
+
+def stats_with_pmap(model, params, batches, devices) -> dict:
+    """quant_stats after one calibrate-mode apply per batch, each batch split over devices."""
+    n = len(devices)
+
+    def step(variables, x):  # per device: x is this device's slice of the batch
+        _, updates = model.apply(variables, x, mode="calibrate", mutable=["quant_stats"])
+        return updates["quant_stats"]
+
+    pstep = jax.pmap(step, axis_name="batch", devices=devices)
+    # pmap maps over a leading device axis: give the parameters one copy per device.
+    replicated = jax.tree_util.tree_map(lambda a: np.broadcast_to(a, (n,) + np.shape(a)),
+                                        {"params": params})
+    for x in batches:
+        shards = x.reshape((n, -1) + x.shape[1:])          # [devices, per-device batch, ...]
+        stats = pstep(replicated, shards)
+        replicated = {**replicated, "quant_stats": stats}
+    # Every replica holds the same (globally reduced) statistics: check, then take one.
+    for leaf in jax.tree_util.tree_leaves(stats):
+        leaf = np.asarray(leaf)
+        assert all(np.array_equal(leaf[0], leaf[i]) for i in range(n)), "replicas disagree"
+    return jax.tree_util.tree_map(lambda a: np.asarray(a)[0], stats)
+
+
+def stats_with_shard_map(model, params, batches, devices) -> dict:
+    """The same with shard_map: the batch axis is sharded over a 1-D mesh named "batch"."""
+    mesh = Mesh(np.array(devices), ("batch",))
+
+    def step(variables, x):  # x: this device's block of the batch
+        _, updates = model.apply(variables, x, mode="calibrate", mutable=["quant_stats"])
+        return updates["quant_stats"]
+
+    # in: variables replicated, the batch split on its first axis; out: replicated (the
+    # observer's psum / pmin / pmax make the statistics identical on every device).
+    sstep = jax.jit(shard_map(step, mesh=mesh, in_specs=(P(), P("batch")), out_specs=P()))
+    variables = {"params": params}
+    for x in batches:
+        variables = {**variables, "quant_stats": sstep(variables, x)}
+    return jax.device_get(variables["quant_stats"])
+
+
+def input_qparams(variables) -> dict:
+    """{layer: (input_scale, input_zero_point)} as numpy arrays."""
+    qp = variables["quant_params"]
+    return {layer: (np.asarray(qp[layer]["input_scale"]), np.asarray(qp[layer]["input_zero_point"]))
+            for layer in sorted(qp)}
+
+
+def run(epochs: int = 5, calib_samples: int = 1024, batch_size: int = 128,
+        estimator: str = "entropy") -> dict:
+    """Runs the comparison; returns the three calibrated variable dicts."""
+    devices = calibration_devices()
+    if batch_size % len(devices):
+        raise ValueError(f"batch_size {batch_size} must divide evenly over {len(devices)} devices")
+    print(f"{len(devices)} devices: {devices[0].platform} x{len(devices)}")
+
+    data = digits.load_data()
+    _, float_vars = digits.train_float(data, digits.FULL.replace(float_epochs=epochs))
+    params = float_vars["params"]
+    x = data.x_train[:calib_samples - calib_samples % batch_size]
+    batches = [x[i:i + batch_size] for i in range(0, len(x), batch_size)]
+
+    config = QatConfig(weight_format="int8", activation_format="uint8", activation_symmetric=False,
+                       activation_observer="histogram", activation_estimator=estimator)
+    single_model = digits.DigitsMLP(config=config)
+    dp_model = digits.DigitsMLP(config=config, axis_name="batch")   # QatDense(axis_name="batch")
+
+    # Reference: one device, the same images in batches of the per-device size. (The
+    # statistics do not depend on how the images are split -- the histogram merges
+    # exactly -- but the float forward pass does: XLA may round a 128-row matmul
+    # differently from a 16-row one, which moves deeper layers' inputs by an ulp.)
+    per_device = batch_size // len(devices)
+    micro = [x[i:i + per_device] for i in range(0, len(x), per_device)]
+    single = qatjax.calibrate(single_model, {"params": params}, micro, progress=True)
+
+    results = {"single device": single}
+    for name, collect in (("pmap", stats_with_pmap), ("shard_map", stats_with_shard_map)):
+        stats = collect(dp_model, params, batches, devices)
+        # Finalize on one device: the estimators run on the (identical) global statistics.
+        results[name] = qatjax.finalize(single_model, {"params": params, "quant_stats": stats},
+                                        batches[0])
+
+    ref = input_qparams(single)
+    print(f"\n{len(batches)} batches of {batch_size} ({batch_size // len(devices)} per device), "
+          f"{estimator} estimator; input scale / zero point per layer:")
+    print(f"{'layer':8s}  {'run':13s}  {'input_scale':>12s}  {'zero_point':>10s}  equal to single device")
+    for name, variables in results.items():
+        got = input_qparams(variables)
+        for layer, (scale, zp) in got.items():
+            same = np.array_equal(scale, ref[layer][0]) and np.array_equal(zp, ref[layer][1])
+            print(f"{layer:8s}  {name:13s}  {float(scale):12.8g}  {int(zp):10d}  {same}")
+        # Bit-for-bit: observer states and every quant param (scales, zero points, descriptors).
+        for key in ("quant_stats", "quant_params"):
+            a = jax.tree_util.tree_leaves(jax.device_get(single[key]))
+            b = jax.tree_util.tree_leaves(jax.device_get(variables[key]))
+            assert len(a) == len(b) and all(np.array_equal(u, v) for u, v in zip(a, b)), \
+                f"{name}: {key} differs from single-device calibration"
+    print("\npmap and shard_map calibration equal single-device calibration bit for bit.")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Calibrate over 8 devices with pmap and shard_map.")
+    parser.add_argument("--epochs", type=int, default=5, help="float training epochs (default 5)")
+    parser.add_argument("--estimator", default="entropy", choices=qatjax.calibration.METHODS)
+    args = parser.parse_args(argv)
+    run(epochs=args.epochs, estimator=args.estimator)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

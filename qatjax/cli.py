@@ -1,0 +1,154 @@
+"""The ``qatjax`` command line.
+
+    qatjax run CONFIG [--quick] [--save PATH]   run a recipe on the digits experiment
+    qatjax inspect CHECKPOINT                   per-layer quantization table of a saved model
+
+``run`` trains the float digits MLP (:mod:`qatjax.digits`), applies the recipe file
+(``configs/*.yaml``: ``recipe: ptq|qat``, ``description:``, ``quant:``), and prints the
+float row and the recipe's row. ``--save`` writes the recipe's variables (calibrated or
+trained, with their calibration statistics) with :func:`qatjax.checkpoint.save`.
+
+``inspect`` loads a checkpoint (:func:`qatjax.checkpoint.load`) and prints
+:func:`qatjax.quant_report`: layer path, formats, weight scale range, activation scale,
+zero point and range, calibration method, saturation rate.
+
+Errors the user can fix (missing file, bad YAML, unknown key, existing ``--save`` target,
+not a checkpoint) print one line on stderr and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Sequence
+
+__all__ = ["main", "build_parser"]
+
+_EPILOG = """examples:
+  qatjax run configs/int8_ptq.yaml --quick
+  qatjax run configs/int8_qat.yaml --save int8_qat.msgpack
+  qatjax inspect int8_qat.msgpack
+
+exit status: 0 success, 2 bad arguments, file or config."""
+
+
+class _UserError(Exception):
+    """An error the user can fix; reported as one line, exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qatjax",
+        description="qatjax: quantization-aware training and post-training calibration for "
+                    "JAX/Flax. Run a quantization recipe on the handwritten-digits example, or "
+                    "inspect the quantization of a saved model.",
+        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="{run,inspect}")
+    sub.required = True
+
+    run = sub.add_parser(
+        "run", help="run a recipe (YAML) on the digits MLP and print its results table",
+        description="Train the float digits MLP (scikit-learn's 8x8 digits), apply the recipe "
+                    "(recipe: ptq calibrates; recipe: qat calibrates then fine-tunes), serve it "
+                    "on the integer path and print a table: accuracy, difference to float, top-1 "
+                    "agreement with float, relative logit error, size in bytes, and the max "
+                    "difference between the integer path and fake quantization.")
+    run.add_argument("config", metavar="CONFIG",
+                     help="recipe file, e.g. configs/int8_ptq.yaml (keys: recipe, description, "
+                          "quant, optional train)")
+    run.add_argument("--quick", action="store_true",
+                     help="fewer epochs and calibration images (seconds instead of a minute)")
+    run.add_argument("--save", metavar="PATH", default=None,
+                     help="write the resulting variables to PATH (msgpack, qatjax.checkpoint); "
+                          "PATH must not exist")
+    run.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+    inspect = sub.add_parser(
+        "inspect", help="print the per-layer quantization table of a saved model",
+        description="Load a checkpoint written by qatjax.checkpoint.save (or an orbax directory) "
+                    "and print, per quantized layer: path, weight format and granularity, weight "
+                    "scale range, input format, calibration method, input scale, zero point, "
+                    "range, saturation rate and skipped non-finite values.")
+    inspect.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint file or directory")
+    return parser
+
+
+def _run(args: argparse.Namespace) -> None:
+    from qatjax import checkpoint, digits
+
+    try:
+        recipe = digits.load_recipe(args.config)
+    except (FileNotFoundError, ValueError) as e:
+        raise _UserError(str(e)) from None
+    try:  # fails fast (tracing only) on a config the digits MLP cannot run
+        digits.check_config(recipe.config)
+    except (ValueError, TypeError) as e:
+        raise _UserError(f"{args.config}: this recipe cannot run on the digits MLP: {e}") from None
+    if args.save is not None and os.path.exists(args.save):
+        raise _UserError(f"--save: {args.save!r} exists; choose a new path")
+    settings = (digits.QUICK if args.quick else digits.FULL).replace(**recipe.train)
+    progress = not args.no_progress
+    data = digits.load_data(seed=settings.seed)
+    model, float_vars = digits.train_float(data, settings, progress=progress)
+    float_logits = digits.logits(model, float_vars, data.x_test, "float")
+    row = digits.run_recipe(recipe.config, recipe.kind, float_vars, data, name=recipe.name,
+                            description=recipe.description, settings=settings,
+                            progress=progress, float_logits=float_logits)
+    print(f"{recipe.name} ({recipe.kind}): {recipe.description}")
+    print(digits.format_table([digits.float_row(model, float_vars, data), row]))
+    if args.save is not None:
+        try:
+            checkpoint.save(args.save, row.variables)
+        except OSError as e:
+            raise _UserError(f"--save: cannot write {args.save!r}: {e.strerror or e}") from None
+        print(f"saved {args.save}")
+
+
+def _inspect(args: argparse.Namespace) -> None:
+    import qatjax
+    from qatjax import checkpoint
+
+    try:
+        variables = checkpoint.load(args.checkpoint)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise _UserError(str(e)) from None
+    except Exception as e:  # orbax and msgpack raise assorted types on foreign files
+        raise _UserError(f"cannot read checkpoint {args.checkpoint!r}: {type(e).__name__}: {e}") from None
+    if not isinstance(variables, dict) or "quant_params" not in variables:
+        raise _UserError(f"{args.checkpoint}: no qatjax layers (no quant_params collection); "
+                         "is this a qatjax model checkpoint?")
+    try:
+        report = qatjax.quant_report(variables)
+    except (ValueError, KeyError, TypeError, IndexError) as e:
+        raise _UserError(f"{args.checkpoint}: cannot read its quantization state: {e}") from None
+    if not report.layers:
+        raise _UserError(f"{args.checkpoint}: no qatjax layers (no kernel_spec in quant_params)")
+    print(f"{args.checkpoint}: {len(report.layers)} quantized layer(s)")
+    print(report)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``qatjax`` console script; returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2, message already printed)
+        return int(e.code or 0)
+    try:
+        if args.command == "run":
+            _run(args)
+        else:
+            _inspect(args)
+    except _UserError as e:
+        print(f"qatjax: error: {_one_line(str(e))}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
