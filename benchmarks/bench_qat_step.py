@@ -286,8 +286,9 @@ class Runner:
         jax.block_until_ready((self.params, self.opt_state, self.loss))
         return (time.perf_counter() - t0) / n
 
-    def hlo(self) -> str:
-        return self.step.lower(self.params, self.opt_state, self.x, self.y).compile().as_text()
+    def hlo(self, compiled: bool = True) -> str:
+        lowered = self.step.lower(self.params, self.opt_state, self.x, self.y)
+        return lowered.compile().as_text() if compiled else lowered.as_text()
 
 
 # ----------------------------------------------------------------------------- HLO summary
@@ -318,6 +319,24 @@ def dot_summary(hlo: str) -> str:
         key = f"{in_t}->{out_t}"
         counts[key] = counts.get(key, 0) + 1
     return ", ".join(f"{v}x {k}" for k, v in sorted(counts.items())) or "(no dot found)"
+
+
+def lowered_dot_summary(stablehlo: str) -> str:
+    """Counts the dot_generals of a lowered (pre-XLA) module by operand element types and
+    precision: what the program asks for, before a backend rewrites it (XLA:CPU, for one,
+    computes bfloat16 dots in float32)."""
+    counts: dict[str, int] = {}
+    for line in stablehlo.splitlines():
+        if "stablehlo.dot_general" not in line:
+            continue
+        sig = re.search(r":\s*\((tensor<[^)]*)\)\s*->\s*tensor<([^>]*)>", line)
+        if not sig:
+            continue
+        ins = [t.split("x")[-1] for t in re.findall(r"tensor<([^>]*)>", sig.group(1))]
+        prec = "HIGHEST" if "HIGHEST" in line else "default"
+        key = f"{'x'.join(ins)}->{sig.group(2).split('x')[-1]} {prec}"
+        counts[key] = counts.get(key, 0) + 1
+    return ", ".join(f"{v}x {k}" for k, v in sorted(counts.items())) or "(no dot_general found)"
 
 
 # ----------------------------------------------------------------------------- profile
@@ -613,7 +632,10 @@ def main() -> None:
         print(line)
 
     if args.profile or args.hlo_dir:
-        print("dot ops in the compiled train step (operand types -> result):")
+        print("dots of the train step as lowered (operand types -> result, precision):")
+        for r in runners.values():
+            print(f"  {r.variant.name:<22} {lowered_dot_summary(r.hlo(compiled=False))}")
+        print("dots of the compiled train step (operand types -> result):")
         for name, r in runners.items():
             text = r.hlo()
             print(f"  {r.variant.name:<22} {dot_summary(text)}")

@@ -126,7 +126,23 @@ def finalize(model: nn.Module, variables: Variables, sample: Any, *,
             _, upd = model.apply(v, *args, mutable=["quant_params", "params"], **kwargs)
         return upd
 
+    _check_observed(variables.get("quant_stats", {}))
     return _merge(variables, run(dict(variables), _as_args(sample)))
+
+
+def _check_observed(stats: Mapping[str, Any], path: tuple[str, ...] = ()) -> None:
+    """Raises if a layer's activation observer never saw a finite value (its estimate
+    would be the traced fallback, a meaningless scale)."""
+    from qatjax.calibration import has_data
+
+    for key, value in stats.items():
+        if key == "input" and not isinstance(value, Mapping):
+            if not bool(np.all(np.asarray(has_data(value)))):
+                raise ValueError(
+                    f"calibrate: layer {'/'.join(path) or '<root>'} observed no finite input "
+                    "values; feed it data (and check the batches for NaN / Inf).")
+        elif isinstance(value, Mapping):
+            _check_observed(value, path + (key,))
 
 
 @dataclasses.dataclass(frozen=True)

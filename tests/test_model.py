@@ -104,6 +104,8 @@ def test_infer_and_convert_before_calibration_are_clear_errors():
         qatjax.convert(v)
     with pytest.raises(ValueError, match="no batch"):
         qatjax.calibrate(model, v, [])
+    with pytest.raises(ValueError, match="QatConv_0 observed no finite input"):
+        qatjax.calibrate(model, v, [jnp.full((8, 6, 6, 2), jnp.nan)])
 
 
 def test_float_checkpoint_loads_unchanged_and_calibrates():
