@@ -85,3 +85,18 @@ def test_fp8_matmul_matches_float64_reference(dtype):
 def test_int_matmul_rejects_non_int8_operands():
     with pytest.raises(TypeError, match="int8 codes"):
         int_matmul(jnp.zeros((2, 2), jnp.int32), jnp.zeros((2, 2), jnp.int8), 0, 0)
+
+
+def test_compiled_gemms_use_the_low_precision_library_calls_on_gpu():
+    """On CPU the lowering above is what can be checked; on a GPU the compiled HLO must call
+    cuBLAS(Lt) with int8 / fp8 operands rather than an upcast float GEMM."""
+    a8 = jnp.ones((64, 64), jnp.int8)
+    f8 = jnp.ones((64, 64), jnp.float8_e4m3fn)
+    int_hlo = jax.jit(lambda a, b: int_matmul(a, b, jnp.int32(0), jnp.int32(0))).lower(a8, a8).compile().as_text()
+    fp8_hlo = jax.jit(fp8_matmul).lower(f8, f8).compile().as_text()
+    if jax.default_backend() == "gpu":
+        assert "__cublas$gemm" in int_hlo or "__cublas$lt$matmul" in int_hlo
+        assert "__cublas$lt$matmul$f8" in fp8_hlo
+    else:
+        assert "s8[64,64]" in int_hlo and "s32[64,64]" in int_hlo
+        assert "f8e4m3fn[64,64]" in fp8_hlo
