@@ -42,7 +42,7 @@ from jax import lax
 from qatjax.formats import Format, as_format
 from qatjax.qparams import QParams, _divide
 
-__all__ = ["quantize", "dequantize", "fake_quant", "STE_NAMES", "lsq_grad_scale"]
+__all__ = ["quantize", "dequantize", "fake_quant", "ste_mask", "STE_NAMES", "lsq_grad_scale"]
 
 STE_NAMES = ("identity", "clipped", "lsq")
 
@@ -295,3 +295,14 @@ def _check_args(x, qp, fmt: Format, fn: str):
         if np.any(np.asarray(zero_point) != 0):
             raise ValueError(f"{fn}: fp8 formats take `qp.zero_point` = 0.")
     return x, scale, zero_point
+
+
+def ste_mask(x: jax.Array, qp: QParams, fmt: Format) -> jax.Array:
+    """The gradient mask of the ``"clipped"`` estimator: bool, ``x``'s shape.
+
+    True where the unclipped code ``round(x * (1/scale)) + zero_point`` lies in
+    ``[qmin, qmax]`` (fp8: ``|x / scale| <= max``); False outside and for NaN.
+    """
+    fmt = as_format(fmt)
+    x, scale, zero_point = _check_args(x, qp, fmt, "ste_mask")
+    return _fake_quant_value(fmt, x.astype(jnp.float32), scale, zero_point)[2]

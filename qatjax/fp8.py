@@ -94,20 +94,23 @@ def cast(x: jax.Array, scale: jax.Array, fmt: FloatFormat) -> jax.Array:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
-def fp8_dot(x, w_t, x_scale, w_scale, x_fmt, w_fmt, g_fmt, g_margin, axis_name):
-    """``x @ w_t.T`` with fp8 operands, forward and backward.
+def fp8_dot(x, kernel, x_scale, w_scale, x_fmt, w_fmt, g_fmt, g_margin, axis_name):
+    """``x @ kernel`` with fp8 operands, forward and backward.
+
+    The kernel is cast in its own ``[K, N]`` layout and the 1-byte codes are transposed to
+    ``[N, K]`` for the forward GEMM (both operands contract their last axis).
 
     Args:
-      x: float ``[..., K]``; w_t: float ``[N, K]``.
+      x: float ``[..., K]``; kernel: float ``[K, N]``.
       x_scale, w_scale: float32 scalars (per-tensor).
       x_fmt, w_fmt: fp8 formats of the operands (e4m3); g_fmt: fp8 format of the
         output gradient (e5m2) or None to keep the backward in float32.
       g_margin: margin of the gradient's current scaling.
       axis_name: mapped axis to reduce the gradient amax over (None: local).
     Returns:
-      float32 ``[..., N]`` = ``fp8_matmul(q(x), q(w)) * x_scale * w_scale``.
+      float32 ``[..., N]`` = ``fp8_matmul(q(x), q(kernel).T) * x_scale * w_scale``.
     """
-    return _fp8_forward(x, w_t, x_scale, w_scale, x_fmt, w_fmt)[0]
+    return _fp8_forward(x, kernel, x_scale, w_scale, x_fmt, w_fmt)[0]
 
 
 def dot_from_codes(qx: jax.Array, qw: jax.Array, x_scale: jax.Array, w_scale: jax.Array) -> jax.Array:
@@ -116,16 +119,16 @@ def dot_from_codes(qx: jax.Array, qw: jax.Array, x_scale: jax.Array, w_scale: ja
     return fp8_matmul(qx, qw) * (x_scale * w_scale)
 
 
-def _fp8_forward(x, w_t, x_scale, w_scale, x_fmt, w_fmt):
+def _fp8_forward(x, kernel, x_scale, w_scale, x_fmt, w_fmt):
     qx = cast(x, x_scale, x_fmt)
-    qw = cast(w_t, w_scale, w_fmt)
+    qw = cast(kernel, w_scale, w_fmt).T  # [N, K]
     return dot_from_codes(qx, qw, x_scale, w_scale), qx, qw
 
 
-def _fp8_dot_fwd(x, w_t, x_scale, w_scale, x_fmt, w_fmt, g_fmt, g_margin, axis_name):
-    y, qx, qw = _fp8_forward(x, w_t, x_scale, w_scale, x_fmt, w_fmt)
+def _fp8_dot_fwd(x, kernel, x_scale, w_scale, x_fmt, w_fmt, g_fmt, g_margin, axis_name):
+    y, qx, qw = _fp8_forward(x, kernel, x_scale, w_scale, x_fmt, w_fmt)
     # Residuals are the fp8 codes: a quarter of the float32 activations' memory.
-    return y, (qx, qw, x_scale, w_scale, jnp.zeros((), x.dtype), jnp.zeros((), w_t.dtype))
+    return y, (qx, qw, x_scale, w_scale, jnp.zeros((), x.dtype), jnp.zeros((), kernel.dtype))
 
 
 def _fp8_dot_bwd(x_fmt, w_fmt, g_fmt, g_margin, axis_name, res, g):
@@ -136,13 +139,13 @@ def _fp8_dot_bwd(x_fmt, w_fmt, g_fmt, g_margin, axis_name, res, g):
         x_hat = qx.astype(jnp.float32) * x_scale
         w_hat = qw.astype(jnp.float32) * w_scale
         dx = lax.dot_general(g, w_hat, (((g.ndim - 1,), (0,)), ((), ())))
-        dw = lax.dot_general(g, x_hat, ((batch, batch), ((), ())))
+        dw = lax.dot_general(x_hat, g, ((batch, batch), ((), ())))
     else:
         g_scale = scale_from_amax(amax(g, axis_name), g_fmt, g_margin, jnp.ones((), jnp.float32))
         qg = cast(g, g_scale, g_fmt)
         dx = lax.dot_general(qg, qw, (((g.ndim - 1,), (0,)), ((), ())),
                              preferred_element_type=jnp.float32) * (g_scale * w_scale)
-        dw = lax.dot_general(qg, qx, ((batch, batch), ((), ())),
+        dw = lax.dot_general(qx, qg, ((batch, batch), ((), ())),
                              preferred_element_type=jnp.float32) * (g_scale * x_scale)
     return (dx.astype(x_proto.dtype), dw.astype(w_proto.dtype), jnp.zeros_like(x_scale),
             jnp.zeros_like(w_scale))

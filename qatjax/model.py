@@ -10,7 +10,7 @@ variables alone.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import flax
 import flax.linen as nn
@@ -21,9 +21,8 @@ import numpy as np
 from qatjax import fp8 as fp8_lib
 from qatjax.flax import specs
 from qatjax.flax.layers import _FINALIZE, quant_mode
-from qatjax.formats import Format, format_code, format_from_code
 from qatjax.packing import pack_nibbles, unpack_nibbles
-from qatjax.qdot import DotSpec, quantize_weight
+from qatjax.qdot import DotSpec, dequantize_codes, from_serving, quantize_kernel, to_serving
 from qatjax.qparams import QParams
 
 __all__ = [
@@ -208,21 +207,19 @@ def _get(tree: Any, path: tuple[str, ...]) -> Any:
 
 
 
-def _layer_weight_qparams(variables: Variables, path, qp_tree) -> tuple[QParams, jax.Array, DotSpec]:
-    """Weight parameters (broadcast form), the weight in qatjax layout and its DotSpec."""
+def _serving_weights(variables: Variables, path, qp_tree) -> tuple[jax.Array, QParams, DotSpec]:
+    """The layer's kernel codes (serving layout), serving-form parameters and layout spec,
+    computed exactly as train mode computes them (or read back when already converted)."""
     fmt, gran, group, sym = specs.parse_kernel_spec(qp_tree["kernel_spec"])
-    spec = DotSpec(None, fmt, True, sym, group_size=group)
-    layer_params = _get(variables.get("params", {}), path) or {}
     if "kernel_codes" in qp_tree:
         codes = qp_tree["kernel_codes"]
-        conv = codes.ndim > 2
-        w_qp = QParams(*(specs.expand_weight_param(qp_tree[n], codes.ndim, conv)
-                         for n in ("kernel_scale", "kernel_zero_point")))
-        return w_qp, codes, spec
+        spec = specs.layout_spec(fmt, group, codes.ndim > 2, sym)
+        return codes, QParams(qp_tree["kernel_scale"], qp_tree["kernel_zero_point"]), spec
+    layer_params = _get(variables.get("params", {}), path) or {}
     if "kernel" not in layer_params:
         raise ValueError(f"layer {'/'.join(path)}: no params/kernel and no kernel_codes.")
-    kernel = jnp.asarray(layer_params["kernel"], jnp.float32)
-    w = kernel if kernel.ndim > 2 else kernel.T
+    kernel = jnp.asarray(layer_params["kernel"])
+    spec = specs.layout_spec(fmt, group, kernel.ndim > 2, sym)
     fp8_scaling, margin = (int(v) for v in np.asarray(qp_tree.get("fp8_spec", (0, 0))))
     if fp8_scaling:  # the fp8 training recipe: one scale, current or from the delayed history
         meta = _get(variables.get("fp8_meta", {}), path)
@@ -231,15 +228,19 @@ def _layer_weight_qparams(variables: Variables, path, qp_tree) -> tuple[QParams,
                 raise ValueError(f"layer {'/'.join(path)}: delayed fp8 scaling state (fp8_meta) is missing.")
             scale = jnp.asarray(meta["kernel_scale"], jnp.float32)
         else:
-            scale = fp8_lib.scale_from_amax(fp8_lib.amax(w), fmt, margin, jnp.ones((), jnp.float32))
+            scale = fp8_lib.scale_from_amax(fp8_lib.amax(kernel), fmt, margin, jnp.ones((), jnp.float32))
         w_qp = QParams(scale, jnp.zeros((), jnp.int32))
-    elif "kernel_scale" in layer_params:  # LSQ-learned
+    elif "kernel_scale" in layer_params:  # LSQ-learned, stored in serving form
         scale = layer_params["kernel_scale"]
         zp = layer_params.get("kernel_zero_point", jnp.zeros_like(scale))
-        w_qp = QParams(*(specs.expand_weight_param(a, w.ndim) for a in (scale, zp)))
+        w_qp = QParams(*(from_serving(a, spec, kernel.ndim) for a in (scale, zp)))
     else:
-        w_qp = specs.weight_qparams_for(w, fmt, gran, group, sym, conv=w.ndim > 2)
-    return w_qp, w, spec
+        w_qp = specs.weight_qparams_for(kernel, fmt, gran, group, sym)
+    codes = quantize_kernel(kernel, w_qp, spec)
+    serving = QParams(jnp.asarray(to_serving(w_qp.scale, spec), jnp.float32),
+                      jnp.round(jnp.asarray(to_serving(w_qp.zero_point, spec), jnp.float32)
+                                ).astype(jnp.int32))
+    return codes, serving, spec
 
 
 def _saturation(state: Any, lo: float, hi: float, signed: bool) -> tuple[float | None, int]:
@@ -278,8 +279,8 @@ def quant_report(variables: Variables) -> CalibrationReport:
         in_fmt, in_sym, static, method = specs.parse_input_spec(qp_tree["input_spec"])
         w_scale_lo = w_scale_hi = float("nan")
         if fmt is not None:
-            w_qp, _, _ = _layer_weight_qparams(variables, path, qp_tree)
-            s = np.asarray(w_qp.scale)
+            _, w_serving, _ = _serving_weights(variables, path, qp_tree)
+            s = np.asarray(w_serving.scale)
             w_scale_lo, w_scale_hi = float(s.min()), float(s.max())
         layer_params = _get(variables.get("params", {}), path) or {}
         scale = qp_tree.get("input_scale", layer_params.get("input_scale"))
@@ -336,12 +337,10 @@ def convert(variables: Variables) -> dict:
                              "run qatjax.calibrate first.")
         if fmt is None or "kernel_codes" in qp_tree:
             continue
-        w_qp, w, spec = _layer_weight_qparams(variables, path, qp_tree)
+        codes, w_serving, _ = _serving_weights(variables, path, qp_tree)
         target = _get(out["quant_params"], path)
-        target["kernel_codes"] = quantize_weight(w, w_qp, spec)
-        target["kernel_scale"] = specs.squeeze_weight_param(jnp.asarray(w_qp.scale, jnp.float32), w.ndim)
-        target["kernel_zero_point"] = specs.squeeze_weight_param(
-            jnp.round(jnp.asarray(w_qp.zero_point, jnp.float32)).astype(jnp.int32), w.ndim)
+        target["kernel_codes"] = codes
+        target["kernel_scale"], target["kernel_zero_point"] = w_serving
         for name in ("kernel", "kernel_scale", "kernel_zero_point"):
             layer_params.pop(name, None)
         # LSQ-learned input parameters move next to the codes.
@@ -396,9 +395,8 @@ def dequantize_weights(exported: Mapping[str, Any]) -> dict:
         codes = entry["codes"]
         if bool(entry["packed"]):
             codes = unpack_nibbles(codes, layout_shape[-1], fmt.signed)
-        w_qp = QParams(*(specs.expand_weight_param(entry[n], len(layout_shape), conv)
-                         for n in ("scale", "zero_point")))
-        w = specs.dequantize_weight_codes(codes, w_qp, DotSpec(None, fmt, group_size=group))
+        w = dequantize_codes(codes, QParams(entry["scale"], entry["zero_point"]),
+                             specs.layout_spec(fmt, group, conv))
         node = params
         for k in (key.split("/") if key else ()):
             node = node.setdefault(k, {})

@@ -1,18 +1,28 @@
 """The quantized dot product of a layer: what you train is what you serve.
 
-``quantized_dot(x, w_t, x_qp, w_qp, spec)`` computes ``x @ w_t.T`` with both
+``quantized_dot(x, kernel, x_qp, w_qp, spec)`` computes ``x @ kernel`` with both
 operands quantized. When both formats are integer (or both fp8) its forward pass
 runs the real low-precision matmul of :mod:`qatjax.integer` on the codes -- the
-same function the serving (infer) path runs on stored codes, so training and
-serving outputs are bit-identical. Its backward pass is the straight-through
-estimator: the vector-Jacobian product of the float reference
-``fake_quant(x) @ fake_quant(w_t).T`` (float matmuls; the reference's forward
-matmul is never computed, XLA drops it), which also gives LSQ its scale and
-zero-point gradients.
+same function (:func:`dot_from_codes`) the serving path runs on stored codes, so
+training and serving outputs are bit-identical. Its backward pass is the
+straight-through estimator, computed from the forward's codes: ``dx = (g @ w_hat.T)
+* mask_x`` and ``dw = (x_hat.T @ g) * mask_w``, with ``x_hat``, ``w_hat`` the
+dequantized codes and the masks those of the chosen estimator (no second
+quantization, and the activations are kept as 1-byte codes). With LSQ the backward
+is the vector-Jacobian product of the float reference :func:`reference_dot`, which
+also gives the scale and zero-point gradients.
 
-Layout: ``x`` is ``[..., K]``; the weight is ``w_t`` ``[N, K]`` (output features
-first). Weight parameters broadcast against ``w_t`` (per-channel: ``[N, 1]``) or,
-for per-group weights, against ``w_t`` split into ``[N, K // g, g]`` (``[N, G, 1]``).
+Layouts (dense):
+
+* ``x`` ``[..., K]``; ``kernel`` ``[K, N]`` (Flax's layout). The kernel is quantized
+  in place -- parameters broadcast against it: ``()``, ``[1, N]`` per channel, or
+  ``[G, 1, N]`` per group against the kernel split into ``[G, g, N]`` -- and its
+  1-byte codes are then transposed to ``[N, K]``, the serving layout in which both
+  operands contract their last axis (2x the bf16 rate for int8 / fp8 on Hopper).
+* serving parameters (stored with the codes): ``()``, ``[N]`` or ``[N, G]``.
+
+Convolutions (:class:`ConvSpec`) keep the kernel's own ``[*window, C_in, C_out]``
+layout; parameters ``()`` or ``[1, ..., 1, C_out]``, stored as ``()`` or ``[C_out]``.
 Activation parameters are per-tensor scalars.
 """
 
@@ -23,9 +33,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
-from qatjax.fake_quant import fake_quant, quantize
+from qatjax.fake_quant import dequantize, fake_quant, quantize, ste_mask
 from qatjax.formats import Format
 from qatjax.integer import check_contraction, fp8_matmul, int_matmul, signed_codes
 from qatjax.qparams import QParams, merge_groups, split_groups
@@ -36,7 +47,10 @@ __all__ = [
     "quantized_dot",
     "dot_from_codes",
     "reference_dot",
-    "quantize_weight",
+    "quantize_kernel",
+    "dequantize_codes",
+    "to_serving",
+    "from_serving",
 ]
 
 
@@ -97,8 +111,66 @@ class ConvSpec(DotSpec):
             precision=precision, preferred_element_type=preferred_element_type)
 
 
-def _grouped(a: jax.Array, spec: DotSpec) -> jax.Array:
-    return a if spec.group_size is None else split_groups(a, a.ndim - 1, spec.group_size)
+# ----------------------------------------------------------------------------- layouts
+
+
+def _split_kernel(w: jax.Array, spec: DotSpec) -> jax.Array:
+    """Dense kernel ``[K, N]`` -> ``[G, g, N]`` for per-group parameters (else unchanged)."""
+    return w if spec.group_size is None else split_groups(w, 0, spec.group_size)
+
+
+def to_serving(a: jax.Array, spec: DotSpec) -> jax.Array:
+    """Kernel-form parameter -> serving form (``()``, ``[N]``, ``[N, G]``, conv ``[C_out]``)."""
+    a = jnp.asarray(a)
+    if a.ndim == 0:
+        return a
+    if isinstance(spec, ConvSpec):
+        return a.reshape(-1)
+    if spec.group_size is None:
+        return a.reshape(-1)  # [1, N] -> [N]
+    return a[:, 0, :].T  # [G, 1, N] -> [N, G]
+
+
+def from_serving(a: jax.Array, spec: DotSpec, kernel_ndim: int = 2) -> jax.Array:
+    """Serving-form parameter -> kernel form (broadcasts against the kernel, or its split)."""
+    a = jnp.asarray(a)
+    if a.ndim == 0:
+        return a
+    if isinstance(spec, ConvSpec):
+        return a.reshape((1,) * (kernel_ndim - 1) + (-1,))
+    if spec.group_size is None:
+        return a[None, :]  # [N] -> [1, N]
+    return a.T[:, None, :]  # [N, G] -> [G, 1, N]
+
+
+def quantize_kernel(w: jax.Array, w_qp: QParams, spec: DotSpec) -> jax.Array:
+    """Codes of the kernel in the serving layout: dense ``[N, K]``, conv the kernel's own.
+
+    The kernel is quantized in its own layout; only the 1-byte codes are transposed.
+    """
+    q = quantize(_split_kernel(w, spec), w_qp, spec.w_format)
+    if isinstance(spec, ConvSpec):
+        return q
+    if spec.group_size is not None:
+        q = merge_groups(q, 0)
+    return q.T
+
+
+def dequantize_codes(qw: jax.Array, w_serving: QParams, spec: DotSpec,
+                     dtype: jnp.dtype = jnp.float32) -> jax.Array:
+    """Weight values ``(codes - zero_point) * scale`` in the codes' (serving) layout."""
+    if isinstance(spec, ConvSpec):
+        return dequantize(qw, QParams(*(from_serving(a, spec, qw.ndim) for a in w_serving)), dtype)
+    if spec.group_size is None:
+        return dequantize(qw, QParams(*(jnp.asarray(a)[..., None] if jnp.ndim(a) else a
+                                        for a in w_serving)), dtype)
+    g = split_groups(qw, 1, spec.group_size)  # [N, G, g]
+    w = dequantize(g, QParams(*(jnp.asarray(a)[..., None] if jnp.ndim(a) else a
+                                for a in w_serving)), dtype)
+    return merge_groups(w, 1)
+
+
+# ----------------------------------------------------------------------------- forward
 
 
 def _fq(a, qp, fmt, spec: DotSpec, grad_scale):
@@ -108,46 +180,43 @@ def _fq(a, qp, fmt, spec: DotSpec, grad_scale):
     return fake_quant(a, qp, fmt, ste=spec.ste, grad_scale=gs)
 
 
-def reference_dot(x: jax.Array, w_t: jax.Array, x_qp: QParams | None, w_qp: QParams | None,
+def reference_dot(x: jax.Array, w: jax.Array, x_qp: QParams | None, w_qp: QParams | None,
                   spec: DotSpec) -> jax.Array:
-    """Float fake-quant reference: ``fake_quant(x) @ fake_quant(w_t).T``, float32 ``[..., N]``."""
-    x_hat = _fq(x.astype(jnp.float32), x_qp, spec.x_format, spec, spec.x_grad_scale)
-    w_hat = _fq(_grouped(w_t.astype(jnp.float32), spec), w_qp, spec.w_format, spec, spec.w_grad_scale)
+    """Float fake-quant reference ``fake_quant(x) @ fake_quant(kernel)`` (or the convolution),
+    with the operands in their own dtype and float32 accumulation: float32 ``[..., N]``."""
+    x_hat = _fq(x, x_qp, spec.x_format, spec, spec.x_grad_scale)
+    w_hat = _fq(_split_kernel(w, spec), w_qp, spec.w_format, spec, spec.w_grad_scale)
     if isinstance(spec, ConvSpec):
         return spec.conv(x_hat, w_hat, jnp.float32, lax.Precision.HIGHEST)
     if spec.group_size is not None:
-        w_hat = merge_groups(w_hat, w_hat.ndim - 2)
-    dims = (((x.ndim - 1,), (1,)), ((), ()))
+        w_hat = merge_groups(w_hat, 0)
+    dims = (((x.ndim - 1,), (0,)), ((), ()))
     return lax.dot_general(x_hat, w_hat, dims, precision=lax.Precision.HIGHEST,
                            preferred_element_type=jnp.float32)
 
 
-def quantize_weight(w_t: jax.Array, w_qp: QParams, spec: DotSpec) -> jax.Array:
-    """Weight codes ``[N, K]`` in the storage dtype of ``spec.w_format``."""
-    q = quantize(_grouped(w_t, spec), w_qp, spec.w_format)
-    return q if spec.group_size is None else merge_groups(q, q.ndim - 2)
-
-
-def dot_from_codes(qx: jax.Array, qw: jax.Array, x_qp: QParams, w_qp: QParams,
+def dot_from_codes(qx: jax.Array, qw: jax.Array, x_qp: QParams, w_serving: QParams,
                    spec: DotSpec) -> jax.Array:
     """The low-precision forward on codes: float32 ``[..., N]``.
 
     Args:
-      qx: activation codes ``[..., K]``; qw: weight codes ``[N, K]``.
-      x_qp: per-tensor activation parameters; w_qp: weight parameters (see module doc).
+      qx: activation codes ``[..., K]`` (conv: the padded input's codes).
+      qw: weight codes in the serving layout (``[N, K]``; conv ``[*window, C_in, C_out]``).
+      x_qp: per-tensor activation parameters.
+      w_serving: weight parameters in serving form.
     """
     if isinstance(spec, ConvSpec):
-        return _conv_from_codes(qx, qw, x_qp, w_qp, spec)
+        return _conv_from_codes(qx, qw, x_qp, w_serving, spec)
     grouped = spec.group_size is not None
-    qx, qw = _grouped(qx, spec), _grouped(qw, spec)
-    w_scale = jnp.asarray(w_qp.scale, jnp.float32)
-    w_scale = w_scale.reshape(w_scale.shape[:-1]) if w_scale.ndim else w_scale  # [N] / [N, G] / ()
+    if grouped:
+        qx = split_groups(qx, qx.ndim - 1, spec.group_size)
+        qw = split_groups(qw, 1, spec.group_size)
+    w_scale = jnp.asarray(w_serving.scale, jnp.float32)  # () / [N] / [N, G]
     if spec.native == "int":
         check_contraction(qx.shape[-1], spec.x_format, spec.w_format,
                           lhs_symmetric=spec.x_symmetric, rhs_symmetric=spec.w_symmetric)
         a, za = signed_codes(qx, x_qp.zero_point, spec.x_format)
-        b, zb = signed_codes(qw, w_qp.zero_point, spec.w_format)
-        zb = zb.reshape(zb.shape[:-1]) if zb.ndim else zb
+        b, zb = signed_codes(qw, w_serving.zero_point, spec.w_format)
         acc = int_matmul(a, b, za, zb, grouped=grouped).astype(jnp.float32)
     else:
         acc = fp8_matmul(qx, qw, grouped=grouped)
@@ -155,21 +224,18 @@ def dot_from_codes(qx: jax.Array, qw: jax.Array, x_qp: QParams, w_qp: QParams,
     if not grouped:
         return acc * (x_scale * w_scale)
     # acc: [G, ..., N]; each group has its own weight scale, so rescale then sum the groups.
-    w_scale = jnp.broadcast_to(w_scale, (qw.shape[0], qw.shape[1]))
-    w_scale = w_scale.T.reshape((w_scale.shape[1],) + (1,) * (acc.ndim - 2) + (w_scale.shape[0],))
+    w_scale = jnp.broadcast_to(w_scale, (qw.shape[0], qw.shape[1])).T
+    w_scale = w_scale.reshape((w_scale.shape[0],) + (1,) * (acc.ndim - 2) + (w_scale.shape[1],))
     return jnp.sum(acc * (x_scale * w_scale), axis=0)
 
 
-def _conv_from_codes(qx, qw, x_qp, w_qp, spec: ConvSpec) -> jax.Array:
+def _conv_from_codes(qx, qw, x_qp, w_serving, spec: ConvSpec) -> jax.Array:
     """Integer / fp8 convolution on codes; weight scales are per output channel (last axis)."""
-    w_scale = jnp.asarray(w_qp.scale, jnp.float32).reshape(-1)  # [C_out] or [1]
+    w_scale = jnp.asarray(w_serving.scale, jnp.float32)  # () or [C_out]
     x_scale = jnp.asarray(x_qp.scale, jnp.float32)
     if spec.native == "fp8":
         return spec.conv(qx, qw, jnp.float32) * (x_scale * w_scale)
-    window = 1
-    for n in qw.shape[:-1]:
-        window *= n
-    check_contraction(window, spec.x_format, spec.w_format,
+    check_contraction(int(np.prod(qw.shape[:-1])), spec.x_format, spec.w_format,
                       lhs_symmetric=spec.x_symmetric, rhs_symmetric=True)
     a, za = signed_codes(qx, x_qp.zero_point, spec.x_format)
     b = qw.astype(jnp.int8)
@@ -178,45 +244,84 @@ def _conv_from_codes(qx, qw, x_qp, w_qp, spec: ConvSpec) -> jax.Array:
     return (acc - za * colsum).astype(jnp.float32) * (x_scale * w_scale)
 
 
+# ----------------------------------------------------------------------------- training op
+
+
+def _zero_like_tree(tree):
+    return jax.tree_util.tree_map(
+        lambda a: jnp.zeros_like(a) if jnp.issubdtype(a.dtype, jnp.floating)
+        else np.zeros(a.shape, jax.dtypes.float0), tree)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _native_dot(x, w_t, x_qp, w_qp, spec):
+def _native_dot(x, w, x_qp, w_qp, spec):
     qx = quantize(x, x_qp, spec.x_format)
-    qw = quantize_weight(w_t, w_qp, spec)
-    return dot_from_codes(qx, qw, x_qp, w_qp, spec)
+    qw = quantize_kernel(w, w_qp, spec)
+    return dot_from_codes(qx, qw, x_qp, QParams(*(to_serving(a, spec) for a in w_qp)), spec)
 
 
-def _native_dot_fwd(x, w_t, x_qp, w_qp, spec):
-    return _native_dot(x, w_t, x_qp, w_qp, spec), (x, w_t, x_qp, w_qp)
+def _reference_backward(spec: DotSpec) -> bool:
+    """LSQ needs the reference's scale gradients; convolutions use its float backward."""
+    return spec.ste == "lsq" or isinstance(spec, ConvSpec)
+
+
+def _native_dot_fwd(x, w, x_qp, w_qp, spec):
+    y = _native_dot(x, w, x_qp, w_qp, spec)
+    if _reference_backward(spec):
+        return y, (x, w, x_qp, w_qp)
+    qx = quantize(x, x_qp, spec.x_format)
+    qw = quantize_kernel(w, w_qp, spec)
+    masks = None
+    if spec.ste == "clipped":
+        masks = (ste_mask(x, x_qp, spec.x_format),
+                 ste_mask(_split_kernel(w, spec), w_qp, spec.w_format).reshape(w.shape))
+    protos = (jnp.zeros((), x.dtype), jnp.zeros((), w.dtype))
+    return y, (qx, qw, x_qp, w_qp, masks, protos)
 
 
 def _native_dot_bwd(spec, res, g):
-    x, w_t, x_qp, w_qp = res
-    _, vjp = jax.vjp(lambda *a: reference_dot(*a, spec), x, w_t, x_qp, w_qp)
-    return vjp(g)
+    if _reference_backward(spec):
+        x, w, x_qp, w_qp = res
+        _, vjp = jax.vjp(lambda *a: reference_dot(*a, spec), x, w, x_qp, w_qp)
+        return vjp(g)
+    qx, qw, x_qp, w_qp, masks, (x_proto, w_proto) = res
+    dtype = x_proto.dtype
+    x_hat = dequantize(qx, x_qp, dtype)
+    w_hat = dequantize_codes(qw, QParams(*(to_serving(a, spec) for a in w_qp)), spec, dtype)  # [N, K]
+    g = g.astype(dtype)
+    batch = tuple(range(g.ndim - 1))
+    dx = lax.dot_general(g, w_hat, (((g.ndim - 1,), (0,)), ((), ())),
+                         preferred_element_type=jnp.float32).astype(dtype)
+    dw = lax.dot_general(x_hat, g, ((batch, batch), ((), ())),
+                         preferred_element_type=jnp.float32).astype(w_proto.dtype)  # [K, N]
+    if masks is not None:
+        dx = jnp.where(masks[0], dx, jnp.zeros_like(dx))
+        dw = jnp.where(masks[1], dw, jnp.zeros_like(dw))
+    zx, zw = _zero_like_tree((x_qp, w_qp))
+    return dx, dw, zx, zw
 
 
 _native_dot.defvjp(_native_dot_fwd, _native_dot_bwd)
 
 
-def quantized_dot(x: jax.Array, w_t: jax.Array, x_qp: QParams | None, w_qp: QParams | None,
+def quantized_dot(x: jax.Array, w: jax.Array, x_qp: QParams | None, w_qp: QParams | None,
                   spec: DotSpec) -> jax.Array:
-    """``x @ w_t.T`` (or, with a :class:`ConvSpec`, the convolution of the padded ``x`` with
-    the HWIO weight ``w_t``) with quantized operands; differentiable through the STE.
+    """``x @ kernel`` (or, with a :class:`ConvSpec`, the convolution of the padded ``x`` with
+    the kernel) with quantized operands; differentiable through the STE.
 
     Args:
       x: float activations ``[..., K]``.
-      w_t: float weight ``[N, K]``.
-      x_qp / w_qp: parameters (None where the format is None).
+      w: float kernel ``[K, N]`` (conv: ``[*window, C_in, C_out]``).
+      x_qp / w_qp: parameters (None where the format is None); ``w_qp`` in kernel form.
       spec: static description.
     Returns:
       float32 ``[..., N]``. With two integer (or two fp8) operands the forward runs the
-      integer (fp8) matmul, bit-identical to :func:`dot_from_codes` on stored codes; the
-      backward pass is the STE gradient of :func:`reference_dot`.
+      integer (fp8) matmul, bit-identical to :func:`dot_from_codes` on stored codes.
     """
-    if not isinstance(spec, ConvSpec) and x.shape[-1] != w_t.shape[-1]:
+    if not isinstance(spec, ConvSpec) and x.shape[-1] != w.shape[0]:
         raise ValueError(
-            f"quantized_dot: x has {x.shape[-1]} input features but the weight expects {w_t.shape[-1]}."
+            f"quantized_dot: x has {x.shape[-1]} input features but the kernel expects {w.shape[0]}."
         )
     if spec.native is None:
-        return reference_dot(x, w_t, x_qp, w_qp, spec)
-    return _native_dot(x, w_t, x_qp, w_qp, spec)
+        return reference_dot(x, w, x_qp, w_qp, spec)
+    return _native_dot(x, w, x_qp, w_qp, spec)

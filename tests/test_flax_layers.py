@@ -94,15 +94,31 @@ def test_train_infer_and_converted_infer_agree_bit_for_bit(cfg):
 
 
 def _dense_reference(cfg, v, x):
-    w_t = v["params"]["kernel"].T
-    wq = qatjax.flax.layers.specs.weight_qparams(w_t, cfg)
-    wg = w_t if cfg.weight_granularity != "per_group" else qatjax.split_groups(w_t, 1, cfg.weight_group_size)
-    w_hat = np.asarray(qatjax.fake_quant(wg, wq, cfg.weight_format), np.float64).reshape(w_t.shape)
+    """float64 matmul of the fake-quantized operands, with min/max kernel parameters per output
+    channel (or per block of input features within it) computed here with numpy."""
+    w = np.asarray(v["params"]["kernel"])  # [K, N]
+    fmt = cfg.weight_format
+    if cfg.weight_granularity == "per_group":
+        wg = w.reshape(-1, cfg.weight_group_size, w.shape[1])
+        lo, hi = wg.min(1, keepdims=True), wg.max(1, keepdims=True)
+    elif cfg.weight_granularity == "per_channel":
+        wg, lo, hi = w, w.min(0, keepdims=True), w.max(0, keepdims=True)
+    else:
+        wg, lo, hi = w, w.min(), w.max()
+    lo, hi = np.minimum(lo, 0), np.maximum(hi, 0)
+    if cfg.weight_symmetric or fmt.is_float:
+        scale = np.maximum(np.maximum(-lo, hi) / np.float32(fmt.qmax), np.finfo(np.float32).eps)
+        zp = np.zeros_like(scale)
+    else:
+        scale = np.maximum((hi - lo) / np.float32(fmt.qmax - fmt.qmin), np.finfo(np.float32).eps)
+        zp = np.clip(fmt.qmin - np.rint(lo / scale), fmt.qmin, fmt.qmax)
+    wq = qatjax.QParams(jnp.asarray(scale, jnp.float32), jnp.asarray(zp, jnp.int32))
+    w_hat = np.asarray(qatjax.fake_quant(jnp.asarray(wg), wq, fmt), np.float64).reshape(w.shape)
     x_hat = np.asarray(x, np.float64)
     if cfg.activation_format is not None:
         xq = qatjax.qparams_from_minmax(-jnp.max(jnp.abs(x)), jnp.max(jnp.abs(x)), cfg.activation_format)
         x_hat = np.asarray(qatjax.fake_quant(x, xq, cfg.activation_format), np.float64)
-    return x_hat @ w_hat.T + np.asarray(v["params"]["bias"], np.float64)
+    return x_hat @ w_hat + np.asarray(v["params"]["bias"], np.float64)
 
 
 class _MLP(nn.Module):

@@ -49,7 +49,7 @@ def test_zero_amax_keeps_the_previous_scale():
 def test_fp8_dot_forward_and_backward_match_ml_dtypes_reference():
     k = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(k[0], (6, 32)) * 3
-    w = jax.random.normal(k[1], (10, 32)) * 0.1
+    w = jax.random.normal(k[1], (32, 10)) * 0.1  # kernel [K, N]
     ct = jax.random.normal(k[2], (6, 10)) * 1e-3
     sx, sw = fp8.amax(x) / 448.0, fp8.amax(w) / 448.0
     f = lambda x, w: fp8.fp8_dot(x, w, sx, sw, qatjax.fp8_e4m3, qatjax.fp8_e4m3,  # noqa: E731
@@ -57,17 +57,17 @@ def test_fp8_dot_forward_and_backward_match_ml_dtypes_reference():
     y, vjp = jax.vjp(f, x, w)
     qx = _np_cast(x, sx, E4M3).astype(np.float64)
     qw = _np_cast(w, sw, E4M3).astype(np.float64)
-    np.testing.assert_allclose(np.asarray(y), (qx @ qw.T) * float(sx) * float(sw), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(y), (qx @ qw) * float(sx) * float(sw), rtol=1e-5, atol=1e-6)
     dx, dw = vjp(ct)
     sg = np.float32(np.abs(np.asarray(ct)).max()) / np.float32(57344.0)
     qg = _np_cast(ct, sg, E5M2).astype(np.float64)
-    np.testing.assert_allclose(np.asarray(dx), (qg @ qw) * float(sg) * float(sw), rtol=1e-5, atol=1e-9)
-    np.testing.assert_allclose(np.asarray(dw), (qg.T @ qx) * float(sg) * float(sx), rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(np.asarray(dx), (qg @ qw.T) * float(sg) * float(sw), rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(np.asarray(dw), (qx.T @ qg) * float(sg) * float(sx), rtol=1e-5, atol=1e-9)
 
 
 def test_fp8_dot_lowers_to_fp8_operand_dots_forward_and_backward():
     x = jnp.ones((4, 16))
-    w = jnp.ones((8, 16))
+    w = jnp.ones((16, 8))
     f = lambda x, w: jnp.sum(fp8.fp8_dot(x, w, 1.0, 1.0, qatjax.fp8_e4m3, qatjax.fp8_e4m3,  # noqa: E731
                                          qatjax.fp8_e5m2, 0, None))
     text = jax.jit(jax.value_and_grad(f, argnums=(0, 1))).lower(x, w).as_text()

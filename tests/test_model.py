@@ -148,9 +148,9 @@ def test_convert_stores_codes_only_and_export_round_trips():
     imported = qatjax.dequantize_weights(exported)
     # Import gives exactly the fake-quantized kernels that train mode uses.
     w = v["params"]["QatDense_0"]["kernel"]
-    wq = qatjax.flax.layers.specs.weight_qparams(w.T, cfg)
+    wq = qatjax.qparams_from_amax(jnp.max(jnp.abs(w), axis=0, keepdims=True), qatjax.int4)
     np.testing.assert_array_equal(np.asarray(imported["QatDense_0"]["kernel"]),
-                                  np.asarray(qatjax.fake_quant(w.T, wq, qatjax.int4).T))
+                                  np.asarray(qatjax.fake_quant(w, wq, qatjax.int4)))
     np.testing.assert_array_equal(np.asarray(imported["QatDense_0"]["bias"]),
                                   np.asarray(v["params"]["QatDense_0"]["bias"]))
 
@@ -163,11 +163,10 @@ def test_per_group_affine_export_round_trip():
     v = layer.init(jax.random.key(0), x)
     exported = qatjax.quantize_model_weights(v)
     imported = qatjax.dequantize_weights(exported)
-    w_t = v["params"]["kernel"].T
-    g = qatjax.split_groups(w_t, 1, 8)
-    qp = qatjax.qparams_from_minmax(g.min(2, keepdims=True), g.max(2, keepdims=True), qatjax.int4,
+    g = qatjax.split_groups(v["params"]["kernel"], 0, 8)  # [G, 8, N]
+    qp = qatjax.qparams_from_minmax(g.min(1, keepdims=True), g.max(1, keepdims=True), qatjax.int4,
                                     symmetric=False)
-    ref = qatjax.merge_groups(qatjax.fake_quant(g, qp, qatjax.int4), 1).T
+    ref = qatjax.merge_groups(qatjax.fake_quant(g, qp, qatjax.int4), 0)
     np.testing.assert_array_equal(np.asarray(imported["kernel"]), np.asarray(ref))
 
 

@@ -6,16 +6,17 @@ import numpy as np
 import pytest
 
 import qatjax
-from qatjax.qdot import ConvSpec, DotSpec, dot_from_codes, quantize_weight, quantized_dot, reference_dot
+from qatjax.qdot import (ConvSpec, DotSpec, dot_from_codes, quantize_kernel, quantized_dot,
+                         reference_dot, to_serving)
 
 
 def _setup(x_fmt, w_fmt, x_sym, w_sym, group=None, seed=0):
     k = jax.random.split(jax.random.key(seed), 2)
     x = jax.random.normal(k[0], (3, 5, 64)) + (0.0 if x_sym else 1.0)
-    w = jax.random.normal(k[1], (24, 64)) * 0.2 + (0.0 if w_sym else 0.05)
+    w = jax.random.normal(k[1], (64, 24)) * 0.2 + (0.0 if w_sym else 0.05)  # kernel [K, N]
     x_qp = qatjax.qparams_from_minmax(x.min(), x.max(), x_fmt, symmetric=x_sym)
-    wg = w if group is None else qatjax.split_groups(w, 1, group)
-    axis = wg.ndim - 1
+    wg = w if group is None else qatjax.split_groups(w, 0, group)  # [G, g, N]
+    axis = wg.ndim - 2
     w_qp = qatjax.qparams_from_minmax(wg.min(axis, keepdims=True), wg.max(axis, keepdims=True),
                                       w_fmt, symmetric=w_sym)
     spec = DotSpec(x_fmt, w_fmt, x_sym, w_sym, group_size=group)
@@ -25,9 +26,9 @@ def _setup(x_fmt, w_fmt, x_sym, w_sym, group=None, seed=0):
 def _numpy_reference(x, w, x_qp, w_qp, spec):
     """float64 matmul of the fake-quantized operands."""
     xh = np.asarray(qatjax.fake_quant(x, x_qp, spec.x_format), np.float64)
-    wg = w if spec.group_size is None else qatjax.split_groups(w, 1, spec.group_size)
+    wg = w if spec.group_size is None else qatjax.split_groups(w, 0, spec.group_size)
     wh = np.asarray(qatjax.fake_quant(wg, w_qp, spec.w_format), np.float64).reshape(w.shape)
-    return xh @ wh.T
+    return xh @ wh
 
 
 CASES = [
@@ -51,8 +52,10 @@ def test_native_forward_matches_fake_quant_reference(x_fmt, w_fmt, x_sym, w_sym,
     assert rel <= 1e-5
     # The serving path on stored codes gives the same bits.
     qx = qatjax.quantize(x, x_qp, x_fmt)
-    qw = quantize_weight(w, w_qp, spec)
-    np.testing.assert_array_equal(np.asarray(dot_from_codes(qx, qw, x_qp, w_qp, spec)), np.asarray(y))
+    qw = quantize_kernel(w, w_qp, spec)
+    assert qw.shape == (24, 64)  # served [N, K]
+    served = qatjax.QParams(*(to_serving(a, spec) for a in w_qp))
+    np.testing.assert_array_equal(np.asarray(dot_from_codes(qx, qw, x_qp, served, spec)), np.asarray(y))
 
 
 @pytest.mark.parametrize("x_fmt,w_fmt,x_sym,w_sym,group", CASES[:4])
@@ -62,15 +65,21 @@ def test_backward_is_the_ste_gradient_of_the_reference(x_fmt, w_fmt, x_sym, w_sy
     f = lambda fn: (lambda x, w: jnp.sum(fn(x, w, x_qp, w_qp, spec) * ct))  # noqa: E731
     gx, gw = jax.grad(f(quantized_dot), argnums=(0, 1))(x, w)
     rx, rw = jax.grad(f(reference_dot), argnums=(0, 1))(x, w)
-    np.testing.assert_array_equal(np.asarray(gx), np.asarray(rx))
-    np.testing.assert_array_equal(np.asarray(gw), np.asarray(rw))
-    # Hand-derived: d/dx = (ct @ w_hat) masked by the clipped-STE mask of x.
-    wg = w if group is None else qatjax.split_groups(w, 1, group)
+    np.testing.assert_allclose(np.asarray(gx), np.asarray(rx), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(gw), np.asarray(rw), rtol=1e-5, atol=1e-6)
+    # Hand-derived: d/dx = (ct @ w_hat.T) masked by the clipped-STE mask of x.
+    wg = w if group is None else qatjax.split_groups(w, 0, group)
     w_hat = np.asarray(qatjax.fake_quant(wg, w_qp, w_fmt)).reshape(w.shape)
     inv = np.float32(1) / np.asarray(x_qp.scale)
     code = np.rint(np.asarray(x) * inv) + np.asarray(x_qp.zero_point)
     mask = (code >= x_fmt.qmin) & (code <= x_fmt.qmax)
-    np.testing.assert_allclose(np.asarray(gx), (np.asarray(ct) @ w_hat) * mask, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(gx), (np.asarray(ct) @ w_hat.T) * mask, rtol=1e-5, atol=1e-6)
+    # d/dw = x_hat.T @ ct (summed over the batch axes), masked by the kernel's STE mask.
+    x_hat = np.asarray(qatjax.fake_quant(x, x_qp, x_fmt)).reshape(-1, 64)
+    w_code = np.rint(np.asarray(wg) * (np.float32(1) / np.asarray(w_qp.scale))) + np.asarray(w_qp.zero_point)
+    w_mask = ((w_code >= w_fmt.qmin) & (w_code <= w_fmt.qmax)).reshape(w.shape)
+    np.testing.assert_allclose(np.asarray(gw), (x_hat.T @ np.asarray(ct).reshape(-1, 24)) * w_mask,
+                               rtol=1e-4, atol=1e-5)
 
 
 def test_lsq_scales_receive_gradients_through_the_native_forward():
@@ -109,5 +118,5 @@ def test_conv_native_forward_matches_float_reference():
 
 def test_feature_mismatch_is_a_clear_error():
     x, w, x_qp, w_qp, spec = _setup(qatjax.int8, qatjax.int8, True, True)
-    with pytest.raises(ValueError, match="32 input features but the weight expects 64"):
+    with pytest.raises(ValueError, match="32 input features but the kernel expects 64"):
         quantized_dot(x[..., :32], w, x_qp, w_qp, spec)

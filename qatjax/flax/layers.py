@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 from typing import Any, Iterator
 
 import flax.linen as nn
@@ -44,11 +45,11 @@ from jax import lax
 from qatjax import calibration
 from qatjax import fp8 as fp8_lib
 from qatjax.config import QatConfig
-from qatjax.fake_quant import fake_quant, lsq_grad_scale, quantize
+from qatjax.fake_quant import lsq_grad_scale, quantize
 from qatjax.flax import specs
-from qatjax.qdot import (ConvSpec, DotSpec, dot_from_codes, quantize_weight, quantized_dot,
-                         reference_dot)
-from qatjax.qparams import QParams, qparams_from_amax, qparams_from_minmax, split_groups
+from qatjax.qdot import (ConvSpec, DotSpec, dequantize_codes, dot_from_codes, from_serving,
+                         quantize_kernel, quantized_dot, reference_dot, to_serving)
+from qatjax.qparams import QParams, qparams_from_amax
 
 __all__ = ["QatDense", "QatConv", "MODES", "quant_mode"]
 
@@ -189,24 +190,27 @@ class _QuantLayer:
             self.put_variable(col, "input_zero_point", zp)
 
     # ------------------------------------------------------------------ weights
-    def _weight_qparams(self, w_t: jax.Array, mode: str) -> QParams:
-        """Weight parameters broadcasting against ``w_t`` (see :mod:`qatjax.qdot`)."""
+    def _weight_qparams(self, kernel: jax.Array, spec: DotSpec) -> QParams:
+        """Weight parameters in kernel form (see :mod:`qatjax.qdot`): LSQ-learned ones (stored
+        in serving form in ``params``), else min/max of the current kernel."""
         cfg = self.config
         if cfg.learnable_scales and self.has_variable("params", "kernel_scale"):
             scale = self.get_variable("params", "kernel_scale")
             zp = (self.get_variable("params", "kernel_zero_point")
                   if self.has_variable("params", "kernel_zero_point") else jnp.zeros_like(scale))
-            return QParams(*(specs.expand_weight_param(a, w_t.ndim) for a in (scale, zp)))
-        return specs.weight_qparams(jax.lax.stop_gradient(w_t), cfg)
+            return QParams(*(from_serving(a, spec, kernel.ndim) for a in (scale, zp)))
+        return specs.weight_qparams(jax.lax.stop_gradient(kernel), cfg)
 
-    def _learnable_kernel_scale(self, w_t: jax.Array, reset: bool) -> None:
-        """Creates (or, when finalizing, re-initialises) the LSQ weight parameters."""
+    def _learnable_kernel_scale(self, kernel: jax.Array, reset: bool) -> None:
+        """Creates (or, when finalizing, re-initialises) the LSQ weight parameters, stored in
+        serving form (``[N]``, ``[N, G]`` or ``()``)."""
         cfg = self.config
         if not (cfg.learnable_scales and cfg.weight_format is not None):
             return
-        qp = specs.weight_qparams(w_t, cfg)
-        scale = specs.squeeze_weight_param(qp.scale, w_t.ndim)
-        zp = specs.squeeze_weight_param(qp.zero_point, w_t.ndim).astype(jnp.float32)
+        qp = specs.weight_qparams(kernel, cfg)
+        layout = specs.layout_spec(cfg.weight_format, self._group_size(), kernel.ndim > 2)
+        scale = to_serving(qp.scale, layout)
+        zp = to_serving(qp.zero_point, layout).astype(jnp.float32)
         if reset:
             self.put_variable("params", "kernel_scale", scale)
             if not cfg.weight_symmetric:
@@ -264,7 +268,7 @@ class _QuantLayer:
                          self.variable("fp8_meta", f"{name}_scale", lambda: empty.scale))
             for name in ("input", "kernel"))
 
-    def _fp8_recipe_forward(self, x: jax.Array, w_t: jax.Array | None, mode: str) -> jax.Array:
+    def _fp8_recipe_forward(self, x: jax.Array, kernel: jax.Array | None, mode: str) -> jax.Array:
         """The fp8 training recipe (``config.fp8_scaling``): float32 output before bias."""
         cfg = self.config
         delayed = cfg.fp8_scaling == "delayed"
@@ -280,13 +284,13 @@ class _QuantLayer:
             qw = self.get_variable("quant_params", "kernel_codes")
             w_scale = self.get_variable("quant_params", "kernel_scale")
             return fp8_lib.dot_from_codes(fp8_lib.cast(x, x_scale, x_fmt), qw, x_scale, w_scale)
-        w_amax = fp8_lib.amax(jax.lax.stop_gradient(w_t))
+        w_amax = fp8_lib.amax(jax.lax.stop_gradient(kernel))
         w_scale = (meta_w.value.scale if delayed
                    else fp8_lib.scale_from_amax(w_amax, w_fmt, cfg.fp8_margin, one))
         if mode == "infer":
             return fp8_lib.dot_from_codes(fp8_lib.cast(x, x_scale, x_fmt),
-                                          fp8_lib.cast(w_t, w_scale, w_fmt), x_scale, w_scale)
-        y = fp8_lib.fp8_dot(x, w_t, x_scale, w_scale, x_fmt, w_fmt, cfg.fp8_grad_format,
+                                          fp8_lib.cast(kernel, w_scale, w_fmt).T, x_scale, w_scale)
+        y = fp8_lib.fp8_dot(x, kernel, x_scale, w_scale, x_fmt, w_fmt, cfg.fp8_grad_format,
                             cfg.fp8_margin, self.axis_name)
         if delayed:
             if not self.is_mutable_collection("fp8_meta"):
@@ -298,38 +302,36 @@ class _QuantLayer:
             meta_w.value = fp8_lib.update_history(meta_w.value, w_amax, w_fmt, **kw)
         return y
 
-    def _quantized_forward(self, x: jax.Array, w_t: jax.Array | None, mode: str, spec: DotSpec,
-                           w_for_stats: jax.Array | None) -> jax.Array:
+    def _group_size(self) -> int | None:
+        cfg = self.config
+        return cfg.weight_group_size if cfg.weight_granularity == "per_group" else None
+
+    def _quantized_forward(self, x: jax.Array, kernel: jax.Array | None, mode: str,
+                           spec: DotSpec) -> jax.Array:
         """Output of train / infer mode in float32, before bias."""
         if self.config.fp8_scaling is not None:
-            return self._fp8_recipe_forward(x, w_t, mode)
+            return self._fp8_recipe_forward(x, kernel, mode)
         x_qp = self._input_qparams(x, mode)
-        if mode == "infer" and self.has_variable("quant_params", "kernel_codes"):
+        if mode == "train":
+            w_qp = None if spec.w_format is None else self._weight_qparams(kernel, spec)
+            return quantized_dot(x, kernel, x_qp, w_qp, spec)
+        if spec.w_format is None:
+            return reference_dot(x, kernel, x_qp, None, spec)
+        if self.has_variable("quant_params", "kernel_codes"):
             qw = self.get_variable("quant_params", "kernel_codes")
-            w_qp = QParams(*(specs.expand_weight_param(self.get_variable("quant_params", n), qw.ndim,
-                                                        conv=isinstance(spec, ConvSpec))
-                             for n in ("kernel_scale", "kernel_zero_point")))
-            return _from_codes(x, qw, x_qp, w_qp, spec)
-        w_qp = self._weight_qparams(w_t, mode) if spec.w_format is not None else None
-        if mode == "infer":
-            qw = None if spec.w_format is None else quantize_weight(w_t, w_qp, spec)
-            return _from_codes(x, qw if qw is not None else w_t, x_qp, w_qp, spec)
-        return quantized_dot(x, w_t, x_qp, w_qp, spec)
-
-
-def _from_codes(x, qw, x_qp, w_qp, spec: DotSpec) -> jax.Array:
-    """Serving forward: the native low-precision op, or (weight-only / mixed formats) the float
-    reference on dequantized weights, which is what train mode computes too."""
-    x = x.astype(jnp.float32)
-    if spec.native is not None:
-        return dot_from_codes(quantize(x, x_qp, spec.x_format), qw, x_qp, w_qp, spec)
-    return reference_dot(x, specs.dequantize_weight_codes(qw, w_qp, spec), x_qp, None,
-                         DotSpec(spec.x_format, None, spec.x_symmetric, True, spec.ste)
-                         if not isinstance(spec, ConvSpec) else
-                         ConvSpec(spec.x_format, None, spec.x_symmetric, True, spec.ste,
-                                  strides=spec.strides, rhs_dilation=spec.rhs_dilation,
-                                  feature_group_count=spec.feature_group_count,
-                                  dimension_numbers=spec.dimension_numbers))
+            w_serving = QParams(*(self.get_variable("quant_params", n)
+                                  for n in ("kernel_scale", "kernel_zero_point")))
+        else:
+            w_qp = self._weight_qparams(kernel, spec)
+            qw = quantize_kernel(kernel, w_qp, spec)
+            w_serving = QParams(*(to_serving(a, spec) for a in w_qp))
+        if spec.native is not None:
+            return dot_from_codes(quantize(x, x_qp, spec.x_format), qw, x_qp, w_serving, spec)
+        # Weight-only / mixed formats: the float reference on the dequantized kernel, which is
+        # exactly what train mode computes.
+        w_hat = dequantize_codes(qw, w_serving, spec)
+        w_hat = (w_hat if isinstance(spec, ConvSpec) else w_hat.T).astype(x.dtype)
+        return reference_dot(x, w_hat, x_qp, None, dataclasses.replace(spec, w_format=None))
 
 
 class QatDense(_QuantLayer, nn.Dense):
@@ -365,7 +367,7 @@ class QatDense(_QuantLayer, nn.Dense):
             if mode == "init":
                 self._init_quant_state(inputs)
             if mode == _FINALIZE:
-                self._learnable_kernel_scale(self.get_variable("params", "kernel").T, reset=True)
+                self._learnable_kernel_scale(self.get_variable("params", "kernel"), reset=True)
             return y
         if converted:
             k_in = self.get_variable("quant_params", "kernel_codes").shape[-1]
@@ -381,12 +383,11 @@ class QatDense(_QuantLayer, nn.Dense):
             )
         bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
         inputs, kernel_p, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
-        w_t = None if kernel_p is None else kernel_p.T
         per_scale = k_in if self.config.weight_granularity != "per_group" else self.config.weight_group_size
         if self.config.weight_granularity == "per_tensor":
             per_scale = k_in * self.features
         spec = self._dot_spec(k_in, per_scale)
-        y = self._quantized_forward(inputs, w_t, mode, spec, None).astype(inputs.dtype)
+        y = self._quantized_forward(inputs, kernel_p, mode, spec).astype(inputs.dtype)
         if bias is not None:
             y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
         return y
@@ -395,7 +396,7 @@ class QatDense(_QuantLayer, nn.Dense):
         if self.config.fp8_scaling == "delayed":
             self._fp8_meta()
         if self.config.learnable_scales and self.config.weight_format is not None:
-            self._learnable_kernel_scale(self.get_variable("params", "kernel").T, reset=False)
+            self._learnable_kernel_scale(self.get_variable("params", "kernel"), reset=False)
 
 
 class QatConv(_QuantLayer, nn.Conv):
@@ -479,7 +480,7 @@ class QatConv(_QuantLayer, nn.Conv):
         per_scale = window if cfg.weight_granularity == "per_channel" else window * self.features
         spec = self._dot_spec(window, per_scale, strides=strides, rhs_dilation=k_dil,
                               feature_group_count=self.feature_group_count, dimension_numbers=dn)
-        y = self._quantized_forward(inputs, kernel, mode, spec, None).astype(inputs.dtype)
+        y = self._quantized_forward(inputs, kernel, mode, spec).astype(inputs.dtype)
         if bias is not None:
             y += bias.reshape((1,) * (y.ndim - 1) + (-1,))
         if num_batch != 1:

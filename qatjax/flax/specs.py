@@ -2,16 +2,13 @@
 
 Weight parameters are computed from the kernel itself (min/max per tensor, per
 output channel or per group), in training as in conversion, so a trained kernel
-and its served codes always agree. Two layouts exist:
+and its served codes always agree. They are in *kernel form* (broadcasting against
+the Flax kernel, see :mod:`qatjax.qdot`); :func:`qatjax.qdot.to_serving` gives the
+stored form.
 
-* dense: ``w_t [N, K]``; parameters ``()``, ``[N, 1]`` or, per group, ``[N, G, 1]``
-  against ``w_t`` split into ``[N, G, g]``; stored squeezed as ``()``, ``[N]``, ``[N, G]``.
-* conv: ``kernel [*window, C_in, C_out]``; parameters ``()`` or ``[1, ..., 1, C_out]``;
-  stored as ``()`` or ``[C_out]``.
-
-``describe(config)`` gives int32 descriptors (``kernel_spec``, ``input_spec``)
-that layers write to ``quant_params`` so that tools (convert, inspect, export)
-can work from the variables alone.
+``describe(config)`` gives int32 descriptors (``kernel_spec``, ``input_spec``,
+``fp8_spec``) that layers write to ``quant_params`` so that tools (convert, inspect,
+export) can work from the variables alone.
 """
 
 from __future__ import annotations
@@ -20,24 +17,22 @@ import jax
 import jax.numpy as jnp
 
 from qatjax.config import ESTIMATORS, GRANULARITIES, QatConfig
-from qatjax.fake_quant import dequantize
 from qatjax.formats import Format, format_code, format_from_code
-from qatjax.qdot import DotSpec
-from qatjax.qparams import QParams, merge_groups, qparams_from_minmax, split_groups
+from qatjax.qdot import ConvSpec, DotSpec
+from qatjax.qparams import QParams, qparams_from_minmax, split_groups
 
 __all__ = [
     "describe",
     "parse_kernel_spec",
     "parse_input_spec",
     "weight_qparams",
-    "squeeze_weight_param",
-    "expand_weight_param",
-    "dequantize_weight_codes",
+    "weight_qparams_for",
+    "layout_spec",
 ]
 
 
 def describe(cfg: QatConfig) -> dict[str, jax.Array]:
-    """``kernel_spec = [format code, granularity index, group size, symmetric]`` and
+    """``kernel_spec = [format code, granularity index, group size, symmetric]``,
     ``input_spec = [format code, symmetric, static scaling, estimator index]`` and
     ``fp8_spec = [fp8 scaling (0 none, 1 current, 2 delayed), margin]`` as int32 arrays."""
     return {
@@ -65,52 +60,35 @@ def parse_input_spec(spec) -> tuple[Format | None, bool, bool, str]:
     return format_from_code(code), bool(sym), bool(static), ESTIMATORS[est]
 
 
+def layout_spec(w_format: Format | None, group_size: int | None, conv: bool,
+                w_symmetric: bool = True) -> DotSpec:
+    """A DotSpec carrying only what the weight layout needs (format, groups, dense / conv)."""
+    cls = ConvSpec if conv else DotSpec
+    return cls(None, w_format, True, w_symmetric, group_size=group_size)
+
+
 def weight_qparams_for(w: jax.Array, fmt: Format, granularity: str, group_size: int | None,
-                       symmetric: bool, conv: bool) -> QParams:
-    """Min/max parameters of a weight in broadcast form (see the module docstring)."""
+                       symmetric: bool) -> QParams:
+    """Min/max parameters of a kernel in kernel form.
+
+    ``w`` is a dense kernel ``[K, N]`` (2-D) or a conv kernel ``[*window, C_in, C_out]``:
+    per tensor ``()``; per channel ``[1, N]`` / ``[1, ..., 1, C_out]``; per group (dense)
+    ``[G, 1, N]`` against the kernel split into ``[G, g, N]``.
+    """
     if granularity == "per_tensor":
         return qparams_from_minmax(jnp.min(w), jnp.max(w), fmt, symmetric=symmetric)
-    if conv:
-        axes = tuple(range(w.ndim - 1))
-    elif granularity == "per_group":
-        w = split_groups(w, w.ndim - 1, group_size)
-        axes = (w.ndim - 1,)
+    if granularity == "per_group":
+        w = split_groups(w, 0, group_size)
+        axes = (1,)
     else:
-        axes = (w.ndim - 1,)
+        axes = tuple(range(w.ndim - 1))
     return qparams_from_minmax(jnp.min(w, axes, keepdims=True), jnp.max(w, axes, keepdims=True),
                                fmt, symmetric=symmetric)
 
 
 def weight_qparams(w: jax.Array, cfg: QatConfig) -> QParams:
-    """Parameters of a dense ``w_t [N, K]`` (2-D) or a conv kernel (more axes) under ``cfg``."""
+    """Kernel-form parameters of ``w`` under ``cfg``."""
     return weight_qparams_for(
         w, cfg.weight_format, cfg.weight_granularity,
         cfg.weight_group_size if cfg.weight_granularity == "per_group" else None,
-        cfg.weight_symmetric, conv=w.ndim > 2)
-
-
-def squeeze_weight_param(a: jax.Array, ndim: int) -> jax.Array:
-    """Broadcast form -> stored form (``()``, ``[N]``, ``[N, G]`` or ``[C_out]``)."""
-    if a.ndim == 0:
-        return a
-    if ndim > 2:
-        return a.reshape(-1)
-    return a.reshape(a.shape[:-1])
-
-
-def expand_weight_param(a: jax.Array, ndim: int, conv: bool = False) -> jax.Array:
-    """Stored form -> broadcast form against a weight of rank ``ndim``."""
-    a = jnp.asarray(a)
-    if a.ndim == 0:
-        return a
-    if conv or ndim > 2:
-        return a.reshape((1,) * (ndim - 1) + (-1,))
-    return a[..., None]
-
-
-def dequantize_weight_codes(q: jax.Array, w_qp: QParams, spec: DotSpec) -> jax.Array:
-    """float32 weight from codes (per-group aware)."""
-    if spec.group_size is None:
-        return dequantize(q, w_qp)
-    x = dequantize(split_groups(q, q.ndim - 1, spec.group_size), w_qp)
-    return merge_groups(x, x.ndim - 2)
+        cfg.weight_symmetric)
