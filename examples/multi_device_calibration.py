@@ -36,20 +36,21 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + f" --xla_force_host_platform_device_count={NUM_DEVICES}").strip()
 
-import argparse  # noqa: E402
-import sys  # noqa: E402
+import argparse
+import sys
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from jax.sharding import Mesh, PartitionSpec as P  # noqa: E402
+import jax
+import numpy as np
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 try:  # jax >= 0.7
     from jax import shard_map
 except ImportError:  # older jax
     from jax.experimental.shard_map import shard_map
 
-import qatjax  # noqa: E402
-from qatjax import QatConfig, digits  # noqa: E402
+import qatjax
+from qatjax import QatConfig, digits
 
 
 def calibration_devices() -> list:

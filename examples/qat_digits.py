@@ -101,8 +101,8 @@ def check_targets(rows: list[digits.Result]) -> list[tuple[str, bool]]:
     if w8a8:
         best = min(w8a8, key=lambda r: r.metrics.rel_logit_error)
         checks += [
-            (f"best W8A8 PTQ ({best.name}) accuracy within 0.3 points of float "
-             f"({100 * best.delta:+.2f})", best.delta >= -0.003),
+            ((f"best W8A8 PTQ ({best.name}) accuracy within 0.3 points of float "
+              f"({100 * best.delta:+.2f})"), best.delta >= -0.003),
             (f"best W8A8 PTQ top-1 agreement >= 99.8% ({100 * best.metrics.agreement:.2f}%)",
              best.metrics.agreement >= 0.998),
             (f"best W8A8 PTQ relative logit error <= 0.005 ({best.metrics.rel_logit_error:.5f})",
@@ -146,8 +146,8 @@ def run(quick: bool = False, out: str = "out", config: str | None = None,
     # (collect_stats); each then runs only its own estimator on those statistics.
     stats = {}
     for name, kind, cfg in todo:
-        observer = (cfg.activation_format is not None and cfg.activation_scaling == "static",
-                    cfg.activation_observer, cfg.num_bins, cfg.activation_symmetric)
+        observer = (digits.observes(cfg), cfg.activation_observer, cfg.num_bins,
+                    cfg.activation_symmetric)
         if observer[0] and observer not in stats:
             stats[observer] = digits.collect_stats(cfg, float_vars, data, settings, progress=progress)
         rows.append(digits.run_recipe(cfg, kind, float_vars, data, name=name, settings=settings,
@@ -163,8 +163,7 @@ def run(quick: bool = False, out: str = "out", config: str | None = None,
 
     os.makedirs(out, exist_ok=True)
     # Histogram: the clipping threshold of each W8A8 PTQ estimator (or of the one recipe run).
-    calibrated = [r for r in rows[1:] if r.config.activation_format is not None
-                  and r.config.activation_scaling == "static"]
+    calibrated = [r for r in rows[1:] if digits.observes(r.config)]
     w8a8 = {f"PTQ W8A8 {est}": est for est in ESTIMATORS}
     shown = {w8a8[r.name]: r for r in calibrated if r.name in w8a8} or {r.name: r for r in calibrated}
     thresholds = {label: digits.input_threshold(r.variables, HISTOGRAM_LAYER)[1]

@@ -133,10 +133,10 @@ def run(epochs: int = 15, calib_samples: int = 512, estimator: str = "mse") -> d
     print(f"integer path vs fake quantization: max |diff| = {infer_diff}")
     print(f"size: float {float_bytes:,} bytes -> int8 {int8_bytes:,} bytes "
           f"({float_bytes / int8_bytes:.2f}x smaller)")
-    return dict(float_accuracy=f.accuracy, accuracy=q.accuracy, agreement=q.agreement,
-                rel_logit_error=q.rel_logit_error, infer_vs_train=infer_diff,
-                float_bytes=float_bytes, bytes=int8_bytes, float_mode_diff=float_diff,
-                report=qatjax.quant_report(variables))
+    return {"float_accuracy": f.accuracy, "accuracy": q.accuracy, "agreement": q.agreement,
+            "rel_logit_error": q.rel_logit_error, "infer_vs_train": infer_diff,
+            "float_bytes": float_bytes, "bytes": int8_bytes, "float_mode_diff": float_diff,
+            "report": qatjax.quant_report(variables)}
 
 
 def main(argv: list[str] | None = None) -> int:

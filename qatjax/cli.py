@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 __all__ = ["main", "build_parser"]
 
@@ -113,7 +113,7 @@ def _inspect(args: argparse.Namespace) -> None:
         variables = checkpoint.load(args.checkpoint)
     except (FileNotFoundError, ValueError, OSError) as e:
         raise _UserError(str(e)) from None
-    except Exception as e:  # orbax and msgpack raise assorted types on foreign files
+    except Exception as e:  # noqa: BLE001 -- orbax / msgpack raise assorted types on foreign files
         raise _UserError(f"cannot read checkpoint {args.checkpoint!r}: {type(e).__name__}: {e}") from None
     if not isinstance(variables, dict) or "quant_params" not in variables:
         raise _UserError(f"{args.checkpoint}: no qatjax layers (no quant_params collection); "

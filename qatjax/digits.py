@@ -23,7 +23,8 @@ import dataclasses
 import functools
 import os
 import time
-from typing import Any, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -46,6 +47,7 @@ __all__ = [
     "Recipe",
     "load_recipe",
     "check_config",
+    "observes",
     "Metrics",
     "Result",
     "train",
@@ -143,7 +145,7 @@ class Settings:
     calib_batch_size: int = 128
     seed: int = 0
 
-    def replace(self, **changes: Any) -> "Settings":
+    def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
 
 
@@ -202,6 +204,9 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         config = QatConfig.from_dict(quant)
     except (ValueError, TypeError) as e:
         raise ValueError(f"{path}: {e}") from None
+    if kind == "ptq" and config.fp8_scaling == "delayed":
+        raise ValueError(f"{path}: fp8_scaling='delayed' learns its scales during training; "
+                         "use `recipe: qat` (or fp8_scaling: current)")
     train_overrides = data.get("train") or {}
     if not isinstance(train_overrides, Mapping):
         raise ValueError(f"{path}: `train` must be a mapping of Settings fields, got {train_overrides!r}")
@@ -214,22 +219,35 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
 
 
 def check_config(config: QatConfig, num_features: int = 64) -> None:
-    """Traces ``DigitsMLP(config)`` through calibration, train and infer mode on abstract
-    values (``jax.eval_shape``: no data, no compilation), so that a config the model
-    cannot run (e.g. a group size that does not divide 64 and 256) fails in well under a
-    second, before any training, with the layer's error."""
-    model = DigitsMLP(config=config)
-    static = config.activation_format is not None and config.activation_scaling == "static"
+    """Traces ``DigitsMLP(config)`` on abstract values (``jax.eval_shape``: no data, no
+    compilation) through init, calibrate, train and infer mode, so that a config the model
+    cannot run (e.g. a group size that does not divide 64 and 256) fails in a fraction of
+    a second, before any training, with the layer's error.
+
+    Train and infer are traced with dynamic activation scales standing in for calibrated
+    ones (and plain scales for LSQ's learned ones): the same operand shapes and formats.
+    """
+    stand_in = config
+    if observes(config):
+        stand_in = config.replace(activation_scaling="dynamic", learnable_scales=False,
+                                  ste="clipped" if config.ste == "lsq" else config.ste)
 
     def trace(x):
-        variables = {"params": model.init(jax.random.key(0), x, mode="float")["params"]}
-        if static:
-            _, stats = model.apply(variables, x, mode="calibrate", mutable=["quant_stats"])
-            variables.update(stats)
-        variables = qatjax.finalize(model, variables, x)
-        return model.apply(variables, x, mode="train"), model.apply(variables, x, mode="infer")
+        model = DigitsMLP(config=config)
+        variables = model.init(jax.random.key(0), x, mode="float")
+        model.apply(variables, x, mode="calibrate", mutable=True)
+        model = DigitsMLP(config=stand_in)
+        variables = model.init(jax.random.key(0), x, mode="float")
+        return [model.apply(variables, x, mode=m, mutable=True) for m in ("train", "infer")]
 
     jax.eval_shape(trace, jax.ShapeDtypeStruct((2, num_features), jnp.float32))
+
+
+def observes(config: QatConfig) -> bool:
+    """Whether ``config``'s layers calibrate their activations (static scales from an observer;
+    not dynamic scaling, weight-only, or the fp8 scaling recipe)."""
+    return (config.activation_format is not None and config.activation_scaling == "static"
+            and config.fp8_scaling is None)
 
 
 # ---------------------------------------------------------------------------- training
@@ -239,26 +257,36 @@ def _epoch_batches(n: int, batch_size: int, rng: np.random.Generator) -> Iterato
         yield perm[i * batch_size:(i + 1) * batch_size]
 
 
+# Collections that train mode updates (delayed fp8 scaling's amax histories).
+_TRAIN_STATE = ("fp8_meta",)
+
+
 @functools.partial(jax.jit, static_argnames=("model", "mode", "tx"))
 def _train_step(model, mode, tx, params, other, opt_state, x, y):
-    def loss_fn(p):
-        out = model.apply({"params": p, **other}, x, mode=mode)
-        return optax.softmax_cross_entropy_with_integer_labels(out, y).mean()
+    mutable = [c for c in _TRAIN_STATE if c in other]
 
-    loss, grads = jax.value_and_grad(loss_fn)(params)
+    def loss_fn(p):
+        out, state = model.apply({"params": p, **other}, x, mode=mode, mutable=mutable)
+        return optax.softmax_cross_entropy_with_integer_labels(out, y).mean(), state
+
+    (loss, state), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+    return optax.apply_updates(params, updates), {**other, **state}, opt_state, loss
 
 
 def train(model: nn.Module, variables: Mapping[str, Any], data: Data, *, mode: str, epochs: int,
           learning_rate: float, batch_size: int = 32, seed: int = 0, progress: bool = False,
           desc: str = "train") -> dict:
-    """Adam on ``params`` (cross-entropy, ``model.apply(..., mode=mode)``); other collections
-    (``quant_params``, ``quant_stats``) are carried unchanged. Returns new variables."""
+    """Adam on ``params`` (cross-entropy, ``model.apply(..., mode=mode)``); ``fp8_meta`` (delayed
+    fp8 scaling) is updated every step, other collections (``quant_params``,
+    ``quant_stats``) are carried unchanged. Returns new variables."""
     from tqdm.auto import tqdm
 
     params = variables["params"]
     other = {k: v for k, v in variables.items() if k != "params"}
+    if getattr(model, "config", None) is not None and model.config.fp8_scaling == "delayed" \
+            and mode == "train":
+        other.setdefault("fp8_meta", {})  # created by the first step
     tx = optax.adam(learning_rate)
     opt_state = tx.init(params)
     rng = np.random.default_rng(seed)
@@ -266,8 +294,8 @@ def train(model: nn.Module, variables: Mapping[str, Any], data: Data, *, mode: s
     for _ in bar:
         losses = []
         for idx in _epoch_batches(len(data.x_train), batch_size, rng):
-            params, opt_state, loss = _train_step(model, mode, tx, params, other, opt_state,
-                                                  data.x_train[idx], data.y_train[idx])
+            params, other, opt_state, loss = _train_step(model, mode, tx, params, other, opt_state,
+                                                         data.x_train[idx], data.y_train[idx])
             losses.append(loss)
         bar.set_postfix(loss=f"{float(np.mean(jax.device_get(losses))):.4f}")
     return {"params": params, **other}
@@ -287,7 +315,9 @@ def train_float(data: Data, settings: Settings = FULL, *, progress: bool = False
 # ---------------------------------------------------------------------------- evaluation
 @functools.partial(jax.jit, static_argnames=("model", "mode"))
 def _logits(model, variables, x, mode):
-    return model.apply(variables, x, mode=mode)
+    # Delayed fp8 scaling updates its history in train mode; evaluation discards the update.
+    out, _ = model.apply(variables, x, mode=mode, mutable=[c for c in _TRAIN_STATE if c in variables])
+    return out
 
 
 def logits(model: nn.Module, variables: Mapping[str, Any], x: np.ndarray, mode: str) -> np.ndarray:
@@ -403,7 +433,7 @@ def calibrate_from(config: QatConfig, float_variables: Mapping[str, Any], data: 
     model = DigitsMLP(config=config)
     variables = {"params": float_variables["params"]}
     sample = data.x_train[:1]  # finalize only traces the model with it
-    if config.activation_format is None or config.activation_scaling != "static":
+    if not observes(config):
         return qatjax.finalize(model, variables, sample)
     if stats is None:
         return qatjax.calibrate(model, variables, calibration_batches(data, settings), progress=progress)
@@ -455,8 +485,8 @@ def run_recipe(config: QatConfig, kind: str, float_variables: Mapping[str, Any],
 def _default_name(config: QatConfig, kind: str) -> str:
     w = "f" if config.weight_format is None else config.weight_format.name
     a = "f" if config.activation_format is None else config.activation_format.name
-    est = config.activation_estimator if config.activation_format is not None and \
-        config.activation_scaling == "static" else config.activation_scaling
+    est = config.activation_estimator if observes(config) else (
+        config.fp8_scaling or config.activation_scaling if config.activation_format else "")
     return f"{kind} W:{w} A:{a} {est}"
 
 
@@ -492,15 +522,16 @@ def layer_inputs(model: nn.Module, variables: Mapping[str, Any], x: np.ndarray, 
 
 
 def input_threshold(variables: Mapping[str, Any], layer: str) -> tuple[float, float]:
-    """The calibrated real range ``(lo, hi)`` of ``layer``'s input from its quant params."""
-    from qatjax.flax import specs
-
-    qp = variables["quant_params"][layer]
-    fmt = specs.parse_input_spec(qp["input_spec"])[0]
-    scale = qp.get("input_scale", variables["params"][layer].get("input_scale"))
-    zp = qp.get("input_zero_point", variables["params"][layer].get("input_zero_point", 0))
-    scale, zp = float(np.asarray(scale)), float(np.round(np.asarray(zp)))
-    return (fmt.qmin - zp) * scale, (fmt.qmax - zp) * scale
+    """The calibrated real range ``(lo, hi)`` of ``layer``'s input (from :func:`qatjax.quant_report`):
+    ``((qmin - zero_point) * scale, (qmax - zero_point) * scale)``."""
+    rows = {r.path: r for r in qatjax.quant_report(variables).layers}
+    if layer not in rows or rows[layer].input_scale is None:
+        raise ValueError(f"input_threshold: layer {layer!r} has no calibrated input scale; "
+                         f"layers: {sorted(rows)}.")
+    r = rows[layer]
+    fmt = qatjax.format_from_name(r.input_format)
+    zp = r.input_zero_point or 0
+    return (fmt.qmin - zp) * r.input_scale, (fmt.qmax - zp) * r.input_scale
 
 
 def plot_histogram(values: np.ndarray, thresholds: Mapping[str, float], path: str, *,

@@ -88,15 +88,19 @@ def int_matmul(
     rhs_zero_point: jax.Array,
     *,
     grouped: bool = False,
+    rhs_kn: bool = False,
 ) -> jax.Array:
     """``sum_k (lhs - lhs_zp)(rhs - rhs_zp)`` with one int8 x int8 -> int32 dot_general.
 
     Args:
       lhs: int8 codes ``[..., K]`` (``[..., G, g]`` when ``grouped``).
-      rhs: int8 codes ``[N, K]`` (``[N, G, g]`` when ``grouped``).
+      rhs: int8 codes ``[N, K]`` (``[N, G, g]`` when ``grouped``), or ``[K, N]`` when
+        ``rhs_kn`` (not grouped). Integer accumulation is exact, so both layouts give the
+        same result.
       lhs_zero_point: int32 scalar (per-tensor activations).
       rhs_zero_point: int32, shape ``()`` or ``[N]`` (``[N, G]`` when grouped).
       grouped: contract each of the ``G`` groups separately (per-group weights).
+      rhs_kn: ``rhs`` is laid out ``[K, N]``.
     Returns:
       int32 ``[..., N]``, or ``[G, ..., N]`` when ``grouped``.
     """
@@ -104,11 +108,14 @@ def int_matmul(
         raise TypeError(f"int_matmul: operands must be int8 codes, got {lhs.dtype} and {rhs.dtype}.")
     za = jnp.asarray(lhs_zero_point, jnp.int32)
     zb = jnp.asarray(rhs_zero_point, jnp.int32)
-    acc = lax.dot_general(lhs, rhs, _dims(lhs.ndim, grouped), preferred_element_type=jnp.int32)
+    if rhs_kn and grouped:
+        raise ValueError("int_matmul: `rhs_kn` is for ungrouped operands.")
+    dims = (((lhs.ndim - 1,), (0,)), ((), ())) if rhs_kn else _dims(lhs.ndim, grouped)
+    acc = lax.dot_general(lhs, rhs, dims, preferred_element_type=jnp.int32)
     k = lhs.shape[-1]
     # Row sums of lhs (per example, and per group) and column sums of rhs.
     rowsum = jnp.sum(lhs, axis=-1, dtype=jnp.int32)  # [...] or [..., G]
-    colsum = jnp.sum(rhs, axis=-1, dtype=jnp.int32)  # [N] or [N, G]
+    colsum = jnp.sum(rhs, axis=0 if rhs_kn else -1, dtype=jnp.int32)  # [N] or [N, G]
     if grouped:
         rowsum = jnp.moveaxis(rowsum, -1, 0)[..., None]  # [G, ..., 1]
         colsum = colsum.T.reshape((colsum.shape[1],) + (1,) * (lhs.ndim - 2) + (colsum.shape[0],))

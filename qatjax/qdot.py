@@ -64,6 +64,9 @@ class DotSpec:
       ste: straight-through estimator of the backward pass.
       group_size: per-group weights: block size along K (None otherwise).
       x_grad_scale / w_grad_scale: LSQ gradient scales (None: 1).
+      x_mask / w_mask: whether the clipped estimator needs the operand's mask; False when
+        the caller knows no code can clip (symmetric integer parameters from the tensor's
+        own absmax), which saves a pass over the tensor.
     """
 
     x_format: Format | None
@@ -74,6 +77,8 @@ class DotSpec:
     group_size: int | None = None
     x_grad_scale: float | None = None
     w_grad_scale: float | None = None
+    x_mask: bool = True
+    w_mask: bool = True
 
     @property
     def native(self) -> str | None:
@@ -148,12 +153,8 @@ def quantize_kernel(w: jax.Array, w_qp: QParams, spec: DotSpec) -> jax.Array:
 
     The kernel is quantized in its own layout; only the 1-byte codes are transposed.
     """
-    q = quantize(_split_kernel(w, spec), w_qp, spec.w_format)
-    if isinstance(spec, ConvSpec):
-        return q
-    if spec.group_size is not None:
-        q = merge_groups(q, 0)
-    return q.T
+    q = _kernel_codes(w, w_qp, spec)
+    return q if isinstance(spec, ConvSpec) else q.T
 
 
 def dequantize_codes(qw: jax.Array, w_serving: QParams, spec: DotSpec,
@@ -196,12 +197,14 @@ def reference_dot(x: jax.Array, w: jax.Array, x_qp: QParams | None, w_qp: QParam
 
 
 def dot_from_codes(qx: jax.Array, qw: jax.Array, x_qp: QParams, w_serving: QParams,
-                   spec: DotSpec) -> jax.Array:
+                   spec: DotSpec, *, kernel_layout: bool = False) -> jax.Array:
     """The low-precision forward on codes: float32 ``[..., N]``.
 
     Args:
       qx: activation codes ``[..., K]`` (conv: the padded input's codes).
-      qw: weight codes in the serving layout (``[N, K]``; conv ``[*window, C_in, C_out]``).
+      qw: weight codes in the serving layout (``[N, K]``; conv ``[*window, C_in, C_out]``),
+        or in the kernel's ``[K, N]`` when ``kernel_layout`` (integer, ungrouped only: the
+        int32 accumulation is exact, so the result is the same bits).
       x_qp: per-tensor activation parameters.
       w_serving: weight parameters in serving form.
     """
@@ -217,7 +220,7 @@ def dot_from_codes(qx: jax.Array, qw: jax.Array, x_qp: QParams, w_serving: QPara
                           lhs_symmetric=spec.x_symmetric, rhs_symmetric=spec.w_symmetric)
         a, za = signed_codes(qx, x_qp.zero_point, spec.x_format)
         b, zb = signed_codes(qw, w_serving.zero_point, spec.w_format)
-        acc = int_matmul(a, b, za, zb, grouped=grouped).astype(jnp.float32)
+        acc = int_matmul(a, b, za, zb, grouped=grouped, rhs_kn=kernel_layout).astype(jnp.float32)
     else:
         acc = fp8_matmul(qx, qw, grouped=grouped)
     x_scale = jnp.asarray(x_qp.scale, jnp.float32)
@@ -253,11 +256,40 @@ def _zero_like_tree(tree):
         else np.zeros(a.shape, jax.dtypes.float0), tree)
 
 
+def _transpose_in_training(spec: DotSpec) -> bool:
+    """Whether the training forward transposes the kernel codes to the serving ``[N, K]``.
+
+    Accelerators run the int8 / fp8 GEMM about twice as fast with both operands contracting
+    their last axis, so the codes are transposed (a 1-byte pass). XLA:CPU fuses that
+    transpose into the quantization as a strided loop about 7x slower than the in-place one
+    and gains nothing in the dot, so there an ungrouped integer dot contracts the codes in
+    the kernel's own layout -- exactly the same int32 result.
+    """
+    return not (spec.native == "int" and spec.group_size is None
+                and not isinstance(spec, ConvSpec) and jax.default_backend() == "cpu")
+
+
+def _kernel_codes(w, w_qp, spec: DotSpec) -> jax.Array:
+    """Kernel codes in the kernel's layout (``[K, N]``, or the conv kernel's)."""
+    q = quantize(_split_kernel(w, spec), w_qp, spec.w_format)
+    return merge_groups(q, 0) if spec.group_size is not None and not isinstance(spec, ConvSpec) else q
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _native_dot(x, w, x_qp, w_qp, spec):
+    return _native_forward(x, w, x_qp, w_qp, spec)[0]
+
+
+def _native_forward(x, w, x_qp, w_qp, spec):
     qx = quantize(x, x_qp, spec.x_format)
-    qw = quantize_kernel(w, w_qp, spec)
-    return dot_from_codes(qx, qw, x_qp, QParams(*(to_serving(a, spec) for a in w_qp)), spec)
+    q_kernel = _kernel_codes(w, w_qp, spec)
+    serving = QParams(*(to_serving(a, spec) for a in w_qp))
+    if isinstance(spec, ConvSpec) or _transpose_in_training(spec):
+        qw = q_kernel if isinstance(spec, ConvSpec) else q_kernel.T
+        y = dot_from_codes(qx, qw, x_qp, serving, spec)
+    else:
+        y = dot_from_codes(qx, q_kernel, x_qp, serving, spec, kernel_layout=True)
+    return y, qx, q_kernel
 
 
 def _reference_backward(spec: DotSpec) -> bool:
@@ -266,17 +298,15 @@ def _reference_backward(spec: DotSpec) -> bool:
 
 
 def _native_dot_fwd(x, w, x_qp, w_qp, spec):
-    y = _native_dot(x, w, x_qp, w_qp, spec)
+    y, qx, q_kernel = _native_forward(x, w, x_qp, w_qp, spec)
     if _reference_backward(spec):
         return y, (x, w, x_qp, w_qp)
-    qx = quantize(x, x_qp, spec.x_format)
-    qw = quantize_kernel(w, w_qp, spec)
-    masks = None
-    if spec.ste == "clipped":
-        masks = (ste_mask(x, x_qp, spec.x_format),
-                 ste_mask(_split_kernel(w, spec), w_qp, spec.w_format).reshape(w.shape))
+    clipped = spec.ste == "clipped"
+    x_mask = ste_mask(x, x_qp, spec.x_format) if clipped and spec.x_mask else None
+    w_mask = (ste_mask(_split_kernel(w, spec), w_qp, spec.w_format).reshape(w.shape)
+              if clipped and spec.w_mask else None)
     protos = (jnp.zeros((), x.dtype), jnp.zeros((), w.dtype))
-    return y, (qx, qw, x_qp, w_qp, masks, protos)
+    return y, (qx, q_kernel, x_qp, w_qp, (x_mask, w_mask), protos)
 
 
 def _native_dot_bwd(spec, res, g):
@@ -284,19 +314,20 @@ def _native_dot_bwd(spec, res, g):
         x, w, x_qp, w_qp = res
         _, vjp = jax.vjp(lambda *a: reference_dot(*a, spec), x, w, x_qp, w_qp)
         return vjp(g)
-    qx, qw, x_qp, w_qp, masks, (x_proto, w_proto) = res
+    qx, q_kernel, x_qp, w_qp, (x_mask, w_mask), (x_proto, w_proto) = res
     dtype = x_proto.dtype
     x_hat = dequantize(qx, x_qp, dtype)
-    w_hat = dequantize_codes(qw, QParams(*(to_serving(a, spec) for a in w_qp)), spec, dtype)  # [N, K]
+    w_hat = dequantize(_split_kernel(q_kernel, spec), w_qp, dtype).reshape(q_kernel.shape)  # [K, N]
     g = g.astype(dtype)
     batch = tuple(range(g.ndim - 1))
-    dx = lax.dot_general(g, w_hat, (((g.ndim - 1,), (0,)), ((), ())),
+    dx = lax.dot_general(g, w_hat, (((g.ndim - 1,), (1,)), ((), ())),
                          preferred_element_type=jnp.float32).astype(dtype)
     dw = lax.dot_general(x_hat, g, ((batch, batch), ((), ())),
                          preferred_element_type=jnp.float32).astype(w_proto.dtype)  # [K, N]
-    if masks is not None:
-        dx = jnp.where(masks[0], dx, jnp.zeros_like(dx))
-        dw = jnp.where(masks[1], dw, jnp.zeros_like(dw))
+    if x_mask is not None:
+        dx = jnp.where(x_mask, dx, jnp.zeros_like(dx))
+    if w_mask is not None:
+        dw = jnp.where(w_mask, dw, jnp.zeros_like(dw))
     zx, zw = _zero_like_tree((x_qp, w_qp))
     return dx, dw, zx, zw
 

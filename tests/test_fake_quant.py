@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 import qatjax
 from qatjax import IntFormat, QParams
+from qatjax.fake_quant import ste_mask as _ste_mask
 
 F32 = np.float32
 INT_FORMATS = [IntFormat(b, s) for b in range(2, 9) for s in (True, False)]
@@ -27,6 +28,7 @@ FP8_FORMATS = [qatjax.fp8_e4m3, qatjax.fp8_e5m2]
 fake_quant = jax.jit(qatjax.fake_quant, static_argnums=2, static_argnames=("ste", "grad_scale"))
 quantize = jax.jit(qatjax.quantize, static_argnums=2)
 dequantize = jax.jit(qatjax.dequantize, static_argnums=2)
+ste_mask = jax.jit(_ste_mask, static_argnums=2)
 
 
 def grad(fun, **kwargs):
@@ -344,6 +346,10 @@ def test_clipped_ste_mask_int():
     x = np.array([-5.2, -5.3, 122.7, 122.8, 0.0], F32)
     dx = grad(_loss("clipped", qatjax.uint8, 1.0))(x, F32(0.5), 10)
     np.testing.assert_array_equal(dx, [1, 0, 1, 0, 1])
+    # ste_mask exposes the same mask.
+    mask = ste_mask(x, QParams(F32(0.5), np.int32(10)), qatjax.uint8)
+    assert mask.dtype == jnp.bool_
+    np.testing.assert_array_equal(mask, [1, 0, 1, 0, 1])
 
 
 def test_clipped_ste_mask_fp8():
@@ -352,6 +358,7 @@ def test_clipped_ste_mask_fp8():
     np.testing.assert_array_equal(dx, [1, 0, 1, 0, 1, 1])
     dx = grad(_loss("clipped", qatjax.fp8_e4m3, 1.0))(x * 2, F32(2), 0)
     np.testing.assert_array_equal(dx, [1, 0, 1, 0, 1, 1])
+    np.testing.assert_array_equal(ste_mask(x, QParams(F32(1), 0), qatjax.fp8_e4m3), dx)
 
 
 def test_lsq_symmetric_int8():

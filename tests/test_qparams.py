@@ -114,7 +114,6 @@ def test_affine_eager_and_constant_folded():
         np.testing.assert_array_equal(qp.zero_point, zp)
     for a, b, s, z in zip(lo[:3], hi[:3], scale, zp):
         for qp in (
-            qatjax.qparams_from_minmax(a, b, fmt, symmetric=False),
             affine(a, b, fmt),
             jax.jit(lambda a=a, b=b: qatjax.qparams_from_minmax(a, b, fmt, symmetric=False))(),
         ):

@@ -10,7 +10,8 @@ Binning rule (float32, exact). With ``k = ceil(|x| * n / R) - 1`` clipped below 
 So a value equal to ``R`` lands in the last bin, and ``0`` in bin 0. In the signed
 histogram (``2n`` bins ordered from ``-R`` to ``R``) ``x >= 0`` goes to index ``n + k``
 and ``x < 0`` to ``n - 1 - k``: the mirror image, so ``-0.0`` and ``0.0`` share bin
-``n``. ``n / R`` is a power of two, so ``|x| * n / R`` is computed exactly.
+``n``. Subnormal values (``|x| < 2**-126``) count as zero, as on backends that flush
+them, so the histogram is the same everywhere (``lo``/``hi`` are exact for normal values). ``n / R`` is a power of two, so ``|x| * n / R`` is computed exactly.
 
 Range growth. The range is the smallest power of two ``>= max|x|`` over all data seen
 (clamped to ``[2**EXPONENT_MIN, 2**EXPONENT_MAX]``). When a batch needs a larger
@@ -70,6 +71,7 @@ MAX_NUM_BINS = 2**15
 # bincounts, which XLA:CPU runs concurrently (one scatter is single-threaded).
 _CHUNK = 2**20
 _MAX_CHUNKS = 8
+_TINY = float(np.finfo(np.float32).tiny)  # 2**-126, the smallest normal float32
 
 
 @struct.dataclass
@@ -327,8 +329,8 @@ def _bin_batch(x: jax.Array, exponent: jax.Array, nb: int, signed: bool) -> jax.
 
     def ids(xc, sc):
         k = jnp.maximum(jnp.ceil(jnp.abs(xc) * sc) - 1.0, 0.0).astype(jnp.int32)
-        if signed:
-            k = jnp.where(xc >= 0, n + k, n - 1 - k)
+        if signed:  # subnormals count as zero whether or not the backend flushes them
+            k = jnp.where(xc <= -_TINY, n - 1 - k, n + k)
         k = jnp.where(jnp.isfinite(xc), k, nb)
         return (k + jnp.arange(xc.shape[0], dtype=jnp.int32)[:, None] * (nb + 1)).reshape(-1)
 

@@ -43,10 +43,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from qatjax.calibration.aligned_histogram import HistogramState, pow2
+from qatjax.calibration.aligned_histogram import HistogramState
 from qatjax.calibration.observers import MinMaxState, MovingAverageState, has_data
 from qatjax.fake_quant import fake_quant, quantize
-from qatjax.formats import Format, IntFormat, as_format
+from qatjax.formats import Format, as_format
 from qatjax.qparams import QParams, qparams_from_amax, qparams_from_minmax
 
 __all__ = [
@@ -119,7 +119,16 @@ def percentile(state: HistogramState, fmt: Format, p: float = 99.99, *, symmetri
     if not isinstance(p, jax.core.Tracer) and not 0 <= float(p) <= 100:
         raise ValueError(f"percentile: `p` must be a number in [0, 100], got {p!r}.")
     _check_data(state, "percentile")
-    return _run(_percentile_range, state, fmt, affine, (), {"p": jnp.asarray(p, jnp.float32)})
+    # cumulative fractions, in float64 on the host when p is concrete
+    if isinstance(p, jax.core.Tracer):
+        p = jnp.asarray(p, jnp.float32)
+        cut = (100.0 - p) / 200.0
+        q = {"q_lo": cut, "q_hi": 1.0 - cut} if affine else {"q": p / 100.0}
+    else:
+        cut = (100.0 - float(p)) / 200.0
+        q = {"q_lo": cut, "q_hi": 1.0 - cut} if affine else {"q": float(p) / 100.0}
+        q = {k: jnp.float32(v) for k, v in q.items()}
+    return _run(_percentile_range, state, fmt, affine, (), q)
 
 
 def entropy(
@@ -150,7 +159,11 @@ def entropy(
     n = state.bins_per_side if (affine or state.signed) else state.num_bins
     start_bin = _check_start_bin(start_bin, n, "entropy")
     _check_data(state, "entropy")
-    return _run(_entropy_range, state, fmt, affine, (("start_bin", start_bin),), {})
+    if affine:
+        static = (("start_bin", start_bin), ("bits", fmt.bits))
+    else:
+        static = (("start_bin", start_bin), ("nq", num_levels(fmt)), ("fp8", fmt if fmt.is_float else None))
+    return _run(_entropy_range, state, fmt, affine, static, {})
 
 
 def mse(
@@ -188,7 +201,7 @@ def mse(
     n = state.bins_per_side if state.signed else state.num_bins
     start_bin = _check_start_bin(start_bin, n, "mse", allow_n=False)
     _check_data(state, "mse")
-    static = (("num_candidates", int(num_candidates)), ("start_bin", start_bin))
+    static = (("fmt", fmt), ("num_candidates", int(num_candidates)), ("start_bin", start_bin))
     return _run(_mse_range, state, fmt, affine, static, {})
 
 
@@ -331,12 +344,20 @@ def _finish(fmt: Format, affine: bool, valid: jax.Array, lo: jax.Array, hi: jax.
     return qparams_from_amax(jnp.maximum(-lo, hi), fmt)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 2, 3, 4))
 def _run(impl: Callable, state: Any, fmt: Format, affine: bool, static: tuple, dynamic: dict) -> QParams:
-    """``impl(state, fmt, affine, **static, **dynamic) -> (lo, hi)``, then :func:`_finish`,
-    in one jit (``static``: hashable configuration; ``dynamic``: traced arrays)."""
-    lo, hi = impl(state, fmt, affine, **dict(static), **dynamic)
+    """``(lo, hi) = impl(state, affine, **static, **dynamic)`` under ``jit``, then :func:`_finish`.
+
+    ``static`` holds only the configuration the range computation needs (so e.g. the
+    minmax and percentile programs are shared by all formats); ``dynamic`` holds traced
+    arrays (a percentile can change without recompiling).
+    """
+    lo, hi = _range_jit(impl, state, affine, static, dynamic)
     return _finish(fmt, affine, has_data(state), lo, hi)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2, 3))
+def _range_jit(impl: Callable, state: Any, affine: bool, static: tuple, dynamic: dict):
+    return impl(state, affine, **dict(static), **dynamic)
 
 
 def _per_row(fn: Callable, h: HistogramState, *, light: bool, **kw: Any):
@@ -363,28 +384,27 @@ def _per_row(fn: Callable, h: HistogramState, *, light: bool, **kw: Any):
 # ----------------------------------------------------------------------------- ranges
 
 
-def _minmax_range(state, fmt, affine):
+def _minmax_range(state, affine):
     if isinstance(state, HistogramState) and not state.signed:
         return -state.hi, state.hi
     return state.lo, state.hi
 
 
-def _percentile_range(state, fmt, affine, *, p):
+def _percentile_range(state, affine, **q):
     if affine:
-        cut = (100.0 - p) / 200.0
-        return _per_row(_percentile_signed, state, light=True, q_lo=cut, q_hi=1.0 - cut)
-    amax = _per_row(_percentile_abs, state.folded(), light=True, q=p / 100.0)
+        return _per_row(_percentile_signed, state, light=True, **q)
+    amax = _per_row(_percentile_abs, state.folded(), light=True, **q)
     return -amax, amax
 
 
-def _entropy_range(state, fmt, affine, *, start_bin):
+def _entropy_range(state, affine, *, start_bin, bits=None, nq=None, fp8=None):
     if affine:
-        return _per_row(_entropy_signed, state, light=False, start_bin=start_bin, bits=fmt.bits)
-    amax = _per_row(_entropy_abs, state.folded(), light=False, start_bin=start_bin, fmt=fmt)
+        return _per_row(_entropy_signed, state, light=False, start_bin=start_bin, bits=bits)
+    amax = _per_row(_entropy_abs, state.folded(), light=False, start_bin=start_bin, nq=nq, fp8=fp8)
     return -amax, amax
 
 
-def _mse_range(state, fmt, affine, *, num_candidates, start_bin):
+def _mse_range(state, affine, *, fmt, num_candidates, start_bin):
     if affine:
         return _per_row(_mse_signed, state, light=False, fmt=fmt, num_candidates=num_candidates)
     amax = _per_row(_mse_abs, state.folded(), light=False, fmt=fmt, start_bin=start_bin)
@@ -443,9 +463,8 @@ def _percentile_signed(counts, w, lo, hi, *, q_lo, q_hi):
 # ----------------------------------------------------------------------------- entropy
 
 
-def _entropy_abs(counts, w, lo, hi, *, start_bin, fmt):
-    nq = num_levels(fmt)
-    kl = _kl_curve(counts, start_bin, nq, nq, fmt if fmt.is_float else None)
+def _entropy_abs(counts, w, lo, hi, *, start_bin, nq, fp8):
+    kl = _kl_curve(counts, start_bin, nq, nq, fp8)
     return _amax_from_kl(kl, start_bin, w, hi)
 
 

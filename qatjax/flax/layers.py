@@ -229,12 +229,19 @@ class _QuantLayer:
             if cfg.weight_format is not None:
                 w_gs = lsq_grad_scale(w_numel_per_scale, cfg.weight_format)
         cls = ConvSpec if extra else DotSpec
+        # Masks are provably all ones for symmetric integer parameters taken from the
+        # tensor's own absmax (|round(x / (amax / qmax))| <= qmax): skip computing them.
+        w_fmt, x_fmt = cfg.weight_format, cfg.activation_format
+        w_own_absmax = (w_fmt is not None and not w_fmt.is_float and cfg.weight_symmetric
+                        and not cfg.learnable_scales)
+        x_own_absmax = (x_fmt is not None and not x_fmt.is_float and x_fmt.signed
+                        and cfg.activation_scaling == "dynamic")
         return cls(
-            x_format=cfg.activation_format, w_format=cfg.weight_format,
+            x_format=x_fmt, w_format=w_fmt,
             x_symmetric=cfg.activation_symmetric, w_symmetric=cfg.weight_symmetric,
-            ste=cfg.ste,
-            group_size=cfg.weight_group_size if cfg.weight_granularity == "per_group" else None,
-            x_grad_scale=x_gs, w_grad_scale=w_gs, **extra)
+            ste=cfg.ste, group_size=self._group_size(),
+            x_grad_scale=x_gs, w_grad_scale=w_gs,
+            x_mask=not x_own_absmax, w_mask=not w_own_absmax, **extra)
 
     def _observe_or_finalize(self, inputs: jax.Array, mode: str) -> None:
         """The quantization bookkeeping of the float-output modes.

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from qatjax.config import ESTIMATORS, GRANULARITIES, QatConfig
 from qatjax.formats import Format, format_code, format_from_code
 from qatjax.qdot import ConvSpec, DotSpec
-from qatjax.qparams import QParams, qparams_from_minmax, split_groups
+from qatjax.qparams import QParams, qparams_from_amax, qparams_from_minmax, split_groups
 
 __all__ = [
     "describe",
@@ -76,14 +76,17 @@ def weight_qparams_for(w: jax.Array, fmt: Format, granularity: str, group_size: 
     ``[G, 1, N]`` against the kernel split into ``[G, g, N]``.
     """
     if granularity == "per_tensor":
-        return qparams_from_minmax(jnp.min(w), jnp.max(w), fmt, symmetric=symmetric)
-    if granularity == "per_group":
+        axes, keepdims = None, False
+    elif granularity == "per_group":
         w = split_groups(w, 0, group_size)
-        axes = (1,)
+        axes, keepdims = (1,), True
     else:
-        axes = tuple(range(w.ndim - 1))
-    return qparams_from_minmax(jnp.min(w, axes, keepdims=True), jnp.max(w, axes, keepdims=True),
-                               fmt, symmetric=symmetric)
+        axes, keepdims = tuple(range(w.ndim - 1)), True
+    if symmetric or fmt.is_float:
+        # max|w| in one reduction: the same parameters as min/max (0 is always in range).
+        return qparams_from_amax(jnp.max(jnp.abs(w), axes, keepdims=keepdims), fmt)
+    return qparams_from_minmax(jnp.min(w, axes, keepdims=keepdims), jnp.max(w, axes, keepdims=keepdims),
+                               fmt, symmetric=False)
 
 
 def weight_qparams(w: jax.Array, cfg: QatConfig) -> QParams:

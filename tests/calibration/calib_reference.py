@@ -39,9 +39,11 @@ def ref_abs_counts(values: np.ndarray, num_bins: int, exponent: int) -> np.ndarr
 
 
 def ref_signed_counts(values: np.ndarray, num_bins: int, exponent: int) -> np.ndarray:
-    """Signed layout: x >= 0 -> n + k, x < 0 -> n - 1 - k, n = num_bins // 2."""
+    """Signed layout: x >= 0 -> n + k, x < 0 -> n - 1 - k, n = num_bins // 2; subnormals
+    (|x| < 2**-126) count as zero."""
     x = np.asarray(values, np.float64)
     x = x[np.isfinite(x)]
+    x = np.where(np.abs(x) < np.finfo(np.float32).tiny, 0.0, x)
     n = num_bins // 2
     w = 2.0**exponent / n
     k = np.maximum(np.ceil(np.abs(x) / w) - 1, 0).astype(np.int64)

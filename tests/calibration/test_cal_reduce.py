@@ -142,7 +142,7 @@ def test_merge_equals_observing_the_concatenation(name):
     assert_same_state(cal.merge(b, a), ref)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(
     exps=st.lists(st.integers(-12, 12), min_size=3, max_size=3),
     seed=st.integers(0, 2**16),

@@ -1,0 +1,149 @@
+"""The ``qatjax`` command line: run, inspect, --help, and the one-line errors (exit 2)."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from qatjax import checkpoint, cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+INT8_PTQ = os.path.join(ROOT, "configs", "int8_ptq.yaml")
+
+
+def _one_line_error(capsys, *fragments):
+    """Asserts stderr is exactly one line "qatjax: error: ..." holding the fragments."""
+    err = capsys.readouterr().err
+    lines = err.strip("\n").split("\n")
+    assert len(lines) == 1, err
+    assert lines[0].startswith("qatjax: error: "), err
+    assert "Traceback" not in err
+    for f in fragments:
+        assert f in lines[0], (f, err)
+    return lines[0]
+
+
+# ----------------------------------------------------------------------------- help
+def test_help_explains_both_commands(capsys):
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "run" in out and "inspect" in out and "digits" in out and "exit status" in out
+    assert cli.main(["run", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "CONFIG" in out and "--quick" in out and "--save" in out and "relative logit error" in out
+    assert cli.main(["inspect", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "CHECKPOINT" in out and "saturation" in out
+
+
+def test_usage_errors_exit_2(capsys):
+    assert cli.main([]) == 2
+    assert "usage: qatjax" in capsys.readouterr().err
+    assert cli.main(["frobnicate"]) == 2
+    assert cli.main(["run"]) == 2
+    assert cli.main(["run", INT8_PTQ, "--bogus"]) == 2
+
+
+# ----------------------------------------------------------------------------- run: bad input
+def test_run_missing_config(tmp_path, capsys):
+    assert cli.main(["run", str(tmp_path / "nope.yaml")]) == 2
+    _one_line_error(capsys, "no such recipe file", "nope.yaml")
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("recipe: ptq\nquant: [int8,\n", "invalid YAML (line"),
+    ("recipe: ptq\nquant:\n  weight_fromat: int8\n", "unknown key(s) ['weight_fromat']"),
+    ("recipe: ptq\nquant: {}\nlearning_rate: 0.1\n", "unknown key(s) ['learning_rate']"),
+    ("recipe: finetune\nquant: {}\n", "`recipe` must be one of"),
+    ("recipe: ptq\nquant:\n  weight_format: int9\n", "weight_format"),
+    ("recipe: ptq\nquant:\n  num_bins: 7\n", "num_bins"),
+    ("just text\n", "must be a YAML mapping"),
+    # Valid QatConfig, but the MLP's 64 inputs are not a multiple of the group size: caught by
+    # tracing the model before any training.
+    (("recipe: ptq\nquant:\n  weight_format: int4\n  weight_granularity: per_group\n"
+      "  weight_group_size: 48\n"), "cannot run on the digits MLP"),
+])
+def test_run_bad_config_is_one_line_exit_2(tmp_path, capsys, text, fragment):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    assert cli.main(["run", str(path), "--quick", "--no-progress"]) == 2
+    _one_line_error(capsys, fragment, str(path))
+
+
+def test_run_refuses_to_overwrite_save_target(tmp_path, capsys):
+    target = tmp_path / "model.msgpack"
+    target.write_bytes(b"precious")
+    assert cli.main(["run", INT8_PTQ, "--quick", "--save", str(target)]) == 2
+    _one_line_error(capsys, "--save", "exists")
+    assert target.read_bytes() == b"precious"
+
+
+# ----------------------------------------------------------------------------- run + inspect
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+    """``qatjax run configs/int8_ptq.yaml --quick --save PATH`` once: (exit code, stdout, path)."""
+    import contextlib
+    import io
+
+    path = str(tmp_path_factory.mktemp("cli") / "int8_ptq.msgpack")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = cli.main(["run", INT8_PTQ, "--quick", "--no-progress", "--save", path])
+    return code, out.getvalue(), path
+
+
+def test_run_prints_float_and_recipe_rows_and_saves(saved_run):
+    code, out, path = saved_run
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].startswith("int8_ptq (ptq): int8 PTQ")
+    header = next(i for i, line in enumerate(lines) if line.startswith("config"))
+    float_row, recipe_row = lines[header + 2].split(), lines[header + 3].split()
+    assert float_row[0] == "float" and recipe_row[0] == "int8_ptq"
+    acc_float, acc = float(float_row[1]), float(recipe_row[1])
+    assert acc_float > 95.0 and abs(acc - acc_float) <= 0.5
+    assert recipe_row[-1] == "0"  # integer path == fake quantization
+    assert f"saved {path}" in out
+    variables = checkpoint.load(path)
+    assert {"params", "quant_params", "quant_stats"} <= set(variables)
+    assert variables["quant_params"]["dense_0"]["input_scale"].dtype == np.float32
+
+
+def test_inspect_prints_the_per_layer_table(saved_run, capsys):
+    _, _, path = saved_run
+    assert cli.main(["inspect", path]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"{path}: 3 quantized layer(s)"
+    for col in ("layer", "weights", "w scale min..max", "method", "in scale", "in zp", "saturated"):
+        assert col in out[1]
+    rows = {line.split()[0]: line for line in out[3:]}
+    assert set(rows) == {"dense_0", "dense_1", "head"}
+    for line in rows.values():
+        assert "int8 per_channel" in line and "entropy" in line and "%" in line
+
+
+def test_inspect_bad_paths_and_files(tmp_path, capsys):
+    assert cli.main(["inspect", str(tmp_path / "missing.msgpack")]) == 2
+    _one_line_error(capsys, "no such file", "missing.msgpack")
+    junk = tmp_path / "junk.msgpack"
+    junk.write_bytes(b"\x93not a checkpoint at all")
+    assert cli.main(["inspect", str(junk)]) == 2
+    _one_line_error(capsys, "junk.msgpack")
+    plain = tmp_path / "plain.msgpack"
+    checkpoint.save(str(plain), {"params": {"dense": {"kernel": np.ones((2, 2), np.float32)}}})
+    assert cli.main(["inspect", str(plain)]) == 2
+    _one_line_error(capsys, "no qatjax layers")
+
+
+def test_console_script_is_installed_and_errors_cleanly(tmp_path):
+    exe = shutil.which("qatjax")
+    cmd = [exe] if exe else [sys.executable, "-m", "qatjax.cli"]
+    assert exe is not None, "the `qatjax` console script is not on PATH (pip install -e .)"
+    proc = subprocess.run(cmd + ["inspect", str(tmp_path / "nothing.msgpack")],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("qatjax: error: ")
