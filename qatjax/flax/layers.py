@@ -114,6 +114,17 @@ class _QuantLayer:
             raise ValueError(f"{type(self).__name__}: `mode` must be one of {MODES}, got {chosen!r}.")
         return chosen
 
+    def _begin(self, mode: str | None) -> tuple[str, bool]:
+        """Validates the config, resolves the mode; returns ``(mode, converted)``."""
+        self._check_config()
+        mode = self._resolve_mode(mode)
+        converted = self.has_variable("quant_params", "kernel_codes")
+        if converted and mode != "infer":
+            raise ValueError(
+                f"{type(self).__name__} {self.path_str()}: these variables were converted for "
+                f"serving (no float kernel); only mode='infer' can run them, got mode={mode!r}.")
+        return mode, converted
+
     def path_str(self) -> str:
         return "/".join(self.scope.path) if self.scope is not None else type(self).__name__
 
@@ -360,14 +371,7 @@ class QatDense(_QuantLayer, nn.Dense):
 
     @nn.compact
     def __call__(self, inputs: jax.Array, mode: str | None = None) -> jax.Array:  # type: ignore[override]
-        self._check_config()
-        mode = self._resolve_mode(mode)
-        converted = self.has_variable("quant_params", "kernel_codes")
-        if converted and mode != "infer":
-            raise ValueError(
-                f"QatDense {self.path_str()}: these variables were converted for serving (no float "
-                f"kernel); only mode='infer' can run them, got mode={mode!r}."
-            )
+        mode, converted = self._begin(mode)
         if mode in ("float", "init", "calibrate", _FINALIZE):
             self._observe_or_finalize(inputs, mode)
             y = nn.Dense.__call__(self, inputs)
@@ -426,8 +430,7 @@ class QatConv(_QuantLayer, nn.Conv):
 
     @nn.compact
     def __call__(self, inputs: jax.Array, mode: str | None = None) -> jax.Array:  # type: ignore[override]
-        self._check_config()
-        mode = self._resolve_mode(mode)
+        mode, converted = self._begin(mode)
         cfg = self.config
         if cfg.weight_granularity == "per_group":
             raise ValueError("QatConv: weight_granularity='per_group' is not supported for convolutions; "
@@ -438,11 +441,6 @@ class QatConv(_QuantLayer, nn.Conv):
             raise ValueError("QatConv: the fp8 training recipe (fp8_scaling) is implemented for "
                              "QatDense only.")
         kernel_size = (self.kernel_size,) if isinstance(self.kernel_size, int) else tuple(self.kernel_size)
-        converted = self.has_variable("quant_params", "kernel_codes")
-        if converted and mode != "infer":
-            raise ValueError(
-                f"QatConv {self.path_str()}: these variables were converted for serving; only "
-                f"mode='infer' can run them, got mode={mode!r}.")
         if mode in ("float", "init", "calibrate", _FINALIZE):
             self._observe_or_finalize(inputs, mode)
             return nn.Conv.__call__(self, inputs)
