@@ -145,6 +145,23 @@ class Settings:
     calib_batch_size: int = 128
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        def check(name, ok, expected):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not ok(value):
+                raise ValueError(f"Settings: `{name}` must be {expected}, got {value!r}.")
+
+        def is_int(v):
+            return isinstance(v, (int, np.integer))
+
+        for name in ("float_epochs", "qat_epochs", "seed"):
+            check(name, lambda v: is_int(v) and v >= 0, "an int >= 0")
+        for name in ("batch_size", "calib_batch_size"):
+            check(name, lambda v: is_int(v) and v >= 1, "an int >= 1")
+        for name in ("float_lr", "qat_lr"):
+            check(name, lambda v: isinstance(v, (int, float)) and v > 0, "a number > 0")
+        check("calib_samples", lambda v: v is None or (is_int(v) and v >= 1), "null or an int >= 1")
+
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
 
@@ -214,6 +231,10 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     bad = sorted(set(train_overrides) - known)
     if bad:
         raise ValueError(f"{path}: unknown `train` key(s) {bad}; known keys are {sorted(known)}")
+    try:
+        FULL.replace(**train_overrides)
+    except ValueError as e:
+        raise ValueError(f"{path}: `train`: {e}") from None
     name = os.path.splitext(os.path.basename(path))[0]
     return Recipe(name, kind, config, str(data.get("description") or ""), dict(train_overrides))
 
@@ -584,8 +605,14 @@ def plot_accuracy(rows: Sequence[Result], path: str, *, title: str = "") -> str:
     ax1.set_title(title or "digits MLP: accuracy and logit error per config "
                   "(grey float, blue PTQ, orange QAT)")
     ax1.legend(loc="lower left", fontsize=8)
-    ax2.bar(pos, np.where(err > 0, err, np.nan), color=colors)
+    shown = np.where(err > 0, err, np.nan)
+    ax2.bar(pos, shown, color=colors)
     ax2.set_yscale("log")
+    if np.isfinite(shown).any():
+        ax2.set_ylim(np.nanmin(shown) / 3, np.nanmax(shown) * 2.5)
+    for p, e in zip(pos, err):
+        if e > 0:
+            ax2.text(p, e * 1.08, f"{e:.4f}", ha="center", va="bottom", fontsize=7)
     ax2.set_ylabel("relative logit error vs float")
     ax2.set_xticks(pos)
     ax2.set_xticklabels(names, rotation=40, ha="right", fontsize=8)

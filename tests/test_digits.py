@@ -105,6 +105,9 @@ def test_load_recipe_reads_kind_description_quant_and_train(tmp_path):
     ("recipe: ptq\nquant:\n  weight_fromat: int8\n", "weight_fromat"),
     ("recipe: ptq\nquant:\n  weight_format: int9\n", "weight_format"),
     ("recipe: ptq\nquant: {}\ntrain:\n  epochs: 3\n", r"unknown `train` key\(s\) \['epochs'\]"),
+    ("recipe: ptq\nquant: {}\ntrain:\n  qat_epochs: ten\n", "`qat_epochs` must be an int >= 0"),
+    ("recipe: ptq\nquant: {}\ntrain:\n  calib_samples: 0\n", "`calib_samples` must be null or"),
+    ("recipe: qat\nquant: {}\ntrain:\n  qat_lr: -1\n", "`qat_lr` must be a number > 0"),
 ])
 def test_load_recipe_rejects_bad_files_naming_the_problem(tmp_path, text, match):
     with pytest.raises(ValueError, match=match):

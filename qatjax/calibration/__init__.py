@@ -14,8 +14,13 @@ thresholds at once) and ``mse``, in :mod:`qatjax.calibration.estimators` and thr
 """
 
 from qatjax.calibration import estimators
+from qatjax.calibration.aligned_histogram import (
+    COUNT_MAX,
+    EXPONENT_MAX,
+    EXPONENT_MIN,
+    HistogramState,
+)
 from qatjax.calibration.estimators import METHODS, entropy_kl, estimate, num_levels
-from qatjax.calibration.aligned_histogram import COUNT_MAX, EXPONENT_MAX, EXPONENT_MIN, HistogramState
 from qatjax.calibration.observers import (
     MinMaxState,
     MovingAverageState,
@@ -28,23 +33,23 @@ from qatjax.calibration.observers import (
 from qatjax.calibration.reduce import all_reduce, merge, shard_map
 
 __all__ = [
-    "Observer",
+    "COUNT_MAX",
+    "EXPONENT_MAX",
+    "EXPONENT_MIN",
+    "METHODS",
+    "HistogramState",
     "MinMaxState",
     "MovingAverageState",
-    "HistogramState",
-    "minmax",
-    "moving_average_minmax",
-    "histogram",
-    "has_data",
-    "merge",
+    "Observer",
     "all_reduce",
-    "shard_map",
+    "entropy_kl",
     "estimate",
     "estimators",
-    "METHODS",
-    "entropy_kl",
+    "has_data",
+    "histogram",
+    "merge",
+    "minmax",
+    "moving_average_minmax",
     "num_levels",
-    "COUNT_MAX",
-    "EXPONENT_MIN",
-    "EXPONENT_MAX",
+    "shard_map",
 ]

@@ -10,8 +10,9 @@ Binning rule (float32, exact). With ``k = ceil(|x| * n / R) - 1`` clipped below 
 So a value equal to ``R`` lands in the last bin, and ``0`` in bin 0. In the signed
 histogram (``2n`` bins ordered from ``-R`` to ``R``) ``x >= 0`` goes to index ``n + k``
 and ``x < 0`` to ``n - 1 - k``: the mirror image, so ``-0.0`` and ``0.0`` share bin
-``n``. Subnormal values (``|x| < 2**-126``) count as zero, as on backends that flush
-them, so the histogram is the same everywhere (``lo``/``hi`` are exact for normal values). ``n / R`` is a power of two, so ``|x| * n / R`` is computed exactly.
+``n``. ``n / R`` is a power of two, so ``|x| * n / R`` is computed exactly. Subnormal
+values (``|x| < 2**-126``) count as zero, as on backends that flush them, so the
+histogram is the same everywhere.
 
 Range growth. The range is the smallest power of two ``>= max|x|`` over all data seen
 (clamped to ``[2**EXPONENT_MIN, 2**EXPONENT_MAX]``). When a batch needs a larger
@@ -36,7 +37,8 @@ time). Values that are NaN or +-Inf are not binned; they are counted in
 
 from __future__ import annotations
 
-from typing import Hashable, Sequence
+import itertools
+from collections.abc import Hashable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -45,16 +47,16 @@ from flax import struct
 from jax import lax
 
 __all__ = [
-    "HistogramState",
     "COUNT_MAX",
-    "EXPONENT_MIN",
     "EXPONENT_MAX",
+    "EXPONENT_MIN",
     "MAX_NUM_BINS",
+    "HistogramState",
     "init_histogram",
-    "update_histogram",
     "rescale_counts",
     "saturating_add",
     "saturating_psum",
+    "update_histogram",
 ]
 
 #: Largest count a bin can hold (int32 maximum); counts saturate there.
@@ -122,7 +124,7 @@ class HistogramState:
             k = k - self.bins_per_side
         return k * self.bin_width()[..., None]
 
-    def folded(self) -> "HistogramState":
+    def folded(self) -> HistogramState:
         """The ``|x|`` histogram (``n`` bins, same range) of a signed histogram, exactly.
 
         ``|x|`` bin ``k`` is the sum of signed bins ``n + k`` and ``n - 1 - k``. ``lo``
@@ -145,7 +147,7 @@ def init_histogram(
     batch_shape: Sequence[int], num_bins: int, signed: bool
 ) -> HistogramState:
     """An empty histogram state of batch shape ``batch_shape``."""
-    check_num_bins(num_bins, signed)
+    check_num_bins(num_bins)
     shape = tuple(batch_shape)
     return HistogramState(
         counts=jnp.zeros(shape + (num_bins,), jnp.int32),
@@ -157,8 +159,8 @@ def init_histogram(
     )
 
 
-def check_num_bins(num_bins: int, signed: bool) -> None:
-    """Raises a ValueError naming ``num_bins`` unless it is a power of two in [8, 2**16]."""
+def check_num_bins(num_bins: int) -> None:
+    """Raises a ValueError naming ``num_bins`` unless it is a power of two in [8, MAX_NUM_BINS]."""
     if (
         isinstance(num_bins, bool)
         or not isinstance(num_bins, (int, np.integer))
@@ -223,6 +225,9 @@ def rescale_counts(counts: jax.Array, steps: jax.Array, signed: bool) -> jax.Arr
     """
     nb = counts.shape[-1]
     n = nb // 2 if signed else nb
+    # a state created inside the same jit is a constant: the barrier stops XLA from
+    # constant-folding the reductions below (seconds for per-channel states)
+    counts = lax.optimization_barrier(counts)
     steps = jnp.broadcast_to(jnp.asarray(steps, jnp.int32), counts.shape[:-1])
     steps = jnp.where(jnp.any(counts > 0, axis=-1), steps, 0)[..., None]
     rounds = jnp.minimum(jnp.max(steps, initial=0), _log2(n))
@@ -339,11 +344,11 @@ def _bin_batch(x: jax.Array, exponent: jax.Array, nb: int, signed: bool) -> jax.
         bounds = np.linspace(0, rows, chunks + 1).astype(int)
         parts = [
             jnp.bincount(ids(x[a:b], scale[a:b]), length=(b - a) * (nb + 1)).reshape(b - a, nb + 1)
-            for a, b in zip(bounds[:-1], bounds[1:])
+            for a, b in itertools.pairwise(bounds)
         ]
         return jnp.concatenate(parts, axis=0)
     bounds = np.linspace(0, size, chunks + 1).astype(int)
     total = jnp.zeros((rows * (nb + 1),), jnp.int32)
-    for a, b in zip(bounds[:-1], bounds[1:]):
+    for a, b in itertools.pairwise(bounds):
         total = total + jnp.bincount(ids(x[:, a:b], scale), length=rows * (nb + 1))
     return total.reshape(rows, nb + 1)

@@ -1,13 +1,7 @@
 """Estimators: an observer state and a format give :class:`~qatjax.QParams`.
 
-============  ==============================================  =========================
-method        states                                          symmetric / affine
-============  ==============================================  =========================
-minmax        MinMaxState, MovingAverageState, HistogramState  both
-percentile    HistogramState                                  both
-entropy       HistogramState                                  both
-mse           HistogramState                                  both
-============  ==============================================  =========================
+* ``minmax``: any state (``MinMaxState``, ``MovingAverageState``, ``HistogramState``);
+* ``percentile``, ``entropy``, ``mse``: ``HistogramState``.
 
 Symmetric (``symmetric=True``, and always for fp8): an ``amax`` is estimated from the
 ``|x|`` histogram (a signed histogram is folded exactly first) and
@@ -36,7 +30,9 @@ for an all-zero tensor, and :func:`qatjax.calibration.has_data` flags them.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+import itertools
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -51,13 +47,13 @@ from qatjax.qparams import QParams, qparams_from_amax, qparams_from_minmax
 
 __all__ = [
     "METHODS",
-    "minmax",
-    "percentile",
     "entropy",
-    "mse",
-    "estimate",
     "entropy_kl",
+    "estimate",
+    "minmax",
+    "mse",
     "num_levels",
+    "percentile",
 ]
 
 #: Method names accepted by :func:`estimate`.
@@ -182,8 +178,8 @@ def mse(
     once; the first (smallest) minimiser wins, as in NVIDIA's ``_compute_amax_mse``.
 
     Symmetric: candidates ``amax = c_i`` for bins ``i = start_bin .. n - 1`` of the
-    ``|x|`` histogram (NVIDIA's candidates); not clipped to ``max|x|``, so it can exceed
-    it by up to the range ``R``'s last centers when that lowers the estimated error.
+    ``|x|`` histogram (NVIDIA's candidates), not clipped to ``max|x|``: the minimiser may
+    lie above it (fp8 grids) when that lowers the estimated error.
     Affine: candidates ``(t * min(lo, 0), t * max(hi, 0))`` for
     ``t = k / num_candidates``, ``k = 1 .. num_candidates`` (shrinking the observed
     range towards 0), over the signed histogram's bin centers.
@@ -320,11 +316,11 @@ def _check_start_bin(start_bin: Any, n: int, fn: str, allow_n: bool = True) -> i
     return int(start_bin)
 
 
-def _check_data(state: Any, fn: str) -> jax.Array:
-    """``has_data(state)``; raises a ValueError when it is concrete and False anywhere."""
+def _check_data(state: Any, fn: str) -> None:
+    """Raises a ValueError when ``has_data(state)`` is concrete and False anywhere."""
     valid = has_data(state)
     if isinstance(valid, jax.core.Tracer):
-        return valid
+        return
     v = np.asarray(valid)
     if not v.all():
         where = "" if v.ndim == 0 else f" at channel indices {np.argwhere(~v).tolist()[:8]}"
@@ -332,7 +328,6 @@ def _check_data(state: Any, fn: str) -> jax.Array:
             f"{fn}: `state` has not observed any finite value{where} (empty data or only "
             "NaN/Inf); update the observer with data before estimating."
         )
-    return valid
 
 
 def _finish(fmt: Format, affine: bool, valid: jax.Array, lo: jax.Array, hi: jax.Array) -> QParams:
@@ -539,7 +534,7 @@ def _kl_curve(
     blocks = min(_KL_ROW_BLOCKS, max(1, rows * n // _KL_BLOCK_ELEMENTS))
     edges = np.linspace(0, rows, blocks + 1).astype(int)
     parts = []
-    for r0, r1 in zip(edges[:-1], edges[1:]):
+    for r0, r1 in itertools.pairwise(edges):
         ib = i[r0:r1, None]
         cols = start_bin + int(r1) - 1  # j < i <= cols
         jb = j[None, :cols]

@@ -17,6 +17,9 @@ state fields; ``keep_axes=a`` (int or tuple) keeps one set of statistics per ind
 of those axes, with keepdims-shaped fields (size 1 on reduced axes), so the
 :class:`~qatjax.QParams` estimated from them broadcast against ``x``.
 
+Statistics are computed in float32 (other real dtypes are converted); XLA backends
+flush subnormal values to zero, so a subnormal may be seen as 0.
+
 Cross-device: ``update(state, x, axis_name=name)`` reduces the batch statistics over
 the mapped axis ``name`` (``pmap``/``shard_map``/``vmap`` axis) before folding them in,
 so all replicas end with the state of a single-device run on the global batch. For
@@ -26,7 +29,8 @@ states updated locally, :func:`qatjax.calibration.all_reduce` combines them afte
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Hashable, NamedTuple, Sequence
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +39,7 @@ from jax import lax
 
 from qatjax.calibration.aligned_histogram import (
     HistogramState,
+    check_num_bins,
     init_histogram,
     saturating_add,
     saturating_psum,
@@ -43,14 +48,14 @@ from qatjax.calibration.aligned_histogram import (
 from qatjax.qparams import reduce_axes
 
 __all__ = [
-    "Observer",
+    "HistogramState",
     "MinMaxState",
     "MovingAverageState",
-    "HistogramState",
+    "Observer",
+    "has_data",
+    "histogram",
     "minmax",
     "moving_average_minmax",
-    "histogram",
-    "has_data",
 ]
 
 KeepAxes = int | Sequence[int] | None
@@ -144,7 +149,11 @@ def moving_average_minmax(momentum: float = 0.01, keep_axes: KeepAxes = None) ->
     Returns:
       An :class:`Observer` whose state is a :class:`MovingAverageState`.
     """
-    if isinstance(momentum, bool) or not isinstance(momentum, (float, int)) or not 0 < momentum <= 1:
+    if (
+        isinstance(momentum, bool)
+        or not isinstance(momentum, (float, int, np.floating, np.integer))
+        or not 0 < momentum <= 1
+    ):
         raise ValueError(
             f"moving_average_minmax: `momentum` must be a float in (0, 1] (the weight of the new "
             f"batch), got {momentum!r}."
@@ -186,13 +195,14 @@ def histogram(num_bins: int = 2048, *, signed: bool = False, keep_axes: KeepAxes
       num_bins: power of two in ``[8, 32768]``; default 2048 as NVIDIA's calibrators.
       signed: histogram of ``x`` (affine formats) instead of ``|x|``.
       keep_axes: ``None`` for one histogram, or the channel axis / axes to keep (one
-        histogram per channel; the update ``vmap``s the per-tensor one).
+        histogram per channel, all binned by one flat ``bincount``; ``vmap`` of the
+        per-tensor observer gives the same states, more slowly).
     Returns:
       An :class:`Observer` whose state is a :class:`HistogramState`.
     """
     if not isinstance(signed, (bool, np.bool_)):
         raise TypeError(f"histogram: `signed` must be a bool, got {signed!r}.")
-    init_histogram((), num_bins, bool(signed))  # validates num_bins
+    check_num_bins(num_bins)
     keep_axes = _check_keep_axes(keep_axes, "histogram")
 
     def init(x_like: Any = None) -> HistogramState:

@@ -19,7 +19,8 @@ batch's min / max before the average.
 
 from __future__ import annotations
 
-from typing import Any, Hashable
+from collections.abc import Hashable
+from typing import Any
 
 import jax.numpy as jnp
 from jax import lax
@@ -37,7 +38,7 @@ try:
 except ImportError:  # pragma: no cover - older jax
     from jax.experimental.shard_map import shard_map
 
-__all__ = ["merge", "all_reduce", "shard_map"]
+__all__ = ["all_reduce", "merge", "shard_map"]
 
 State = Any
 

@@ -1,6 +1,7 @@
 """The aligned histogram observer: binning, range growth, exact merges, saturation."""
 
 import functools
+import operator
 
 import flax.linen as nn
 import hypothesis.extra.numpy as hnp
@@ -8,12 +9,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from calib_reference import ref_abs_counts, ref_exponent, ref_signed_counts
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from calib_reference import ref_abs_counts, ref_exponent, ref_signed_counts
-from qatjax import calibration as cal
 import qatjax.calibration.aligned_histogram as ah
+from qatjax import calibration as cal
 
 NB = 64  # small histograms keep the exactness tests fast; the algorithm is size-independent
 
@@ -114,7 +115,7 @@ def test_property_any_split_and_order_gives_the_same_histogram(data, split, sign
     np.testing.assert_array_equal(np.asarray(whole.counts), ref)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _jit_update(nb, signed):
     return jax.jit(cal.histogram(nb, signed=signed).update)
 
@@ -211,7 +212,7 @@ def test_per_channel_equals_vmap_and_a_loop_over_channels(keep_axes):
     for idx in np.ndindex(*expected_shape):
         sl = tuple(slice(None) if n == 1 else i for i, n in zip(idx, expected_shape))
         ref = observe(per_tensor, x[sl].reshape(-1), (2 * x)[sl].reshape(-1))
-        assert_same_state(jax.tree_util.tree_map(lambda leaf: leaf[idx], s), ref)
+        assert_same_state(jax.tree_util.tree_map(operator.itemgetter(idx), s), ref)
     if keep_axes == 0:  # the same through vmap of the per-tensor observer
         vs = jax.vmap(per_tensor.init)(x)
         vs = jax.vmap(per_tensor.update)(vs, x)

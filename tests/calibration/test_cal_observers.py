@@ -1,5 +1,7 @@
 """minmax and moving-average observers against numpy / torch-style references."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -89,7 +91,8 @@ def test_moving_average_per_channel_skips_empty_channels():
 
 @settings(max_examples=25, deadline=None)
 @given(
-    values=st.lists(st.floats(-1e6, 1e6, width=32), min_size=12, max_size=12),
+    # XLA flushes subnormals to zero; the torch-style reference would not
+    values=st.lists(st.floats(-1e6, 1e6, width=32, allow_subnormal=False), min_size=12, max_size=12),
     c=st.sampled_from([0.01, 0.5, 1.0]),
 )
 def test_property_moving_average_stays_within_the_seen_range(values, c):
@@ -132,10 +135,14 @@ def test_has_data():
         cal.has_data({"lo": 0})
 
 
+def scan_updates(obs, xs):
+    return jax.lax.scan(lambda s, x: (obs.update(s, x), None), obs.init(), xs)[0]
+
+
 def test_observers_under_scan_and_vmap():
     xs = np.stack(batches(3, n=4))
     for obs in (cal.minmax(), cal.moving_average_minmax(0.2)):
-        run = jax.jit(lambda xs: jax.lax.scan(lambda s, x: (obs.update(s, x), None), obs.init(), xs)[0])
+        run = jax.jit(functools.partial(scan_updates, obs))
         s = obs.init()
         for x in xs:
             s = obs.update(s, x)

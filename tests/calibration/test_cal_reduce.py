@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
-from qatjax import calibration as cal
 import qatjax.calibration.aligned_histogram as ah
+from qatjax import calibration as cal
 
 NDEV = 8
 
@@ -20,6 +21,10 @@ def assert_same_state(a, b):
     assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
     for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def replica(tree, d):
+    return jax.tree_util.tree_map(lambda leaf: leaf[d], tree)
 
 
 def device_data(seed=0, per_device=(3, 40)):
@@ -69,7 +74,7 @@ def test_pmap_all_reduce_equals_single_device(name):
     out = jax.pmap(local_then_reduce, axis_name="d")(x)
     ref = single_device(obs, x)
     for d in range(NDEV):
-        assert_same_state(jax.tree_util.tree_map(lambda leaf: leaf[d], out), ref)
+        assert_same_state(replica(out, d), ref)
 
 
 @pytest.mark.parametrize("name", ["minmax", "hist_signed"])
@@ -103,7 +108,7 @@ def test_pmap_update_with_axis_name_histogram_equals_global_batches():
                    axis_name="d")(x[:, :2])
     ref = obs.update(obs.update(obs.init(), x[:, 0]), x[:, 1])
     for d in range(NDEV):
-        assert_same_state(jax.tree_util.tree_map(lambda leaf: leaf[d], out), ref)
+        assert_same_state(replica(out, d), ref)
 
 
 def test_moving_average_with_axis_name_is_exact_and_all_reduce_averages():
@@ -117,7 +122,7 @@ def test_moving_average_with_axis_name_is_exact_and_all_reduce_averages():
     for b in range(x.shape[1]):
         ref = obs.update(ref, x[:, b])  # the global batch b
     for d in range(NDEV):
-        assert_same_state(jax.tree_util.tree_map(lambda leaf: leaf[d], out), ref)
+        assert_same_state(replica(out, d), ref)
     # all_reduce of local averages: the mean of the replicas' estimates
     local = [functools.reduce(obs.update, x[d], obs.init()) for d in range(NDEV)]
     red = jax.pmap(
@@ -159,7 +164,7 @@ def test_property_merge_is_associative_commutative_and_exact(exps, seed, signed)
     assert_same_state(merge(s[2], merge(s[1], s[0])), whole)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _update(signed):
     return jax.jit(cal.histogram(64, signed=signed).update)
 
