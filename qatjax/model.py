@@ -10,6 +10,7 @@ variables alone.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Iterable, Mapping
 
 import flax
@@ -81,13 +82,7 @@ def calibrate(
     variables = dict(variables)
     if reset:
         variables.pop("quant_stats", None)
-
-    @jax.jit
-    def step(v, args):
-        with quant_mode("calibrate"):
-            _, upd = model.apply(v, *args, mutable=["quant_stats"], **kwargs)
-        return upd["quant_stats"]
-
+    step = _jitted_apply(model, "calibrate", ("quant_stats",), _freeze_kwargs(kwargs))
     iterator = batches
     if progress:
         from tqdm.auto import tqdm
@@ -96,7 +91,7 @@ def calibrate(
     last = None
     for batch in iterator:
         last = _as_args(batch)
-        variables["quant_stats"] = step(variables, last)
+        variables["quant_stats"] = step(variables, last).get("quant_stats", {})
     if last is None:
         raise ValueError("calibrate: `batches` yielded no batch.")
     return finalize(model, variables, last, apply_kwargs=kwargs)
@@ -117,16 +112,28 @@ def finalize(model: nn.Module, variables: Variables, sample: Any, *,
     Returns:
       A new variables dict with ``quant_params`` (and LSQ ``params``) filled.
     """
-    kwargs = dict(apply_kwargs or {})
+    run = _jitted_apply(model, _FINALIZE, ("quant_params", "params"),
+                        _freeze_kwargs(dict(apply_kwargs or {})))
+    _check_observed(variables.get("quant_stats", {}))
+    return _merge(variables, run(dict(variables), _as_args(sample)))
+
+
+def _freeze_kwargs(kwargs: Mapping[str, Any]) -> tuple:
+    return tuple(sorted(kwargs.items()))
+
+
+@functools.lru_cache(maxsize=64)
+def _jitted_apply(model: nn.Module, mode: str, mutable: tuple[str, ...], kwargs: tuple) -> Callable:
+    """A jitted ``model.apply`` in ``mode`` returning the updated collections, cached per
+    (model, mode, kwargs) so repeated calibrations of one model compile once."""
 
     @jax.jit
     def run(v, args):
-        with quant_mode(_FINALIZE):
-            _, upd = model.apply(v, *args, mutable=["quant_params", "params"], **kwargs)
+        with quant_mode(mode):
+            _, upd = model.apply(v, *args, mutable=list(mutable), **dict(kwargs))
         return upd
 
-    _check_observed(variables.get("quant_stats", {}))
-    return _merge(variables, run(dict(variables), _as_args(sample)))
+    return run
 
 
 def _check_observed(stats: Mapping[str, Any], path: tuple[str, ...] = ()) -> None:
@@ -136,7 +143,10 @@ def _check_observed(stats: Mapping[str, Any], path: tuple[str, ...] = ()) -> Non
 
     for key, value in stats.items():
         if key == "input" and not isinstance(value, Mapping):
-            if not bool(np.all(np.asarray(has_data(value)))):
+            observed = has_data(value)
+            if isinstance(observed, jax.core.Tracer):
+                continue  # under a trace: the estimators' documented fallback applies
+            if not bool(np.all(np.asarray(observed))):
                 raise ValueError(
                     f"calibrate: layer {'/'.join(path) or '<root>'} observed no finite input "
                     "values; feed it data (and check the batches for NaN / Inf).")
@@ -219,28 +229,42 @@ def _serving_weights(variables: Variables, path, qp_tree) -> tuple[jax.Array, QP
     if "kernel" not in layer_params:
         raise ValueError(f"layer {'/'.join(path)}: no params/kernel and no kernel_codes.")
     kernel = jnp.asarray(layer_params["kernel"])
-    spec = specs.layout_spec(fmt, group, kernel.ndim > 2, sym)
     fp8_scaling, margin = (int(v) for v in np.asarray(qp_tree.get("fp8_spec", (0, 0))))
-    if fp8_scaling:  # the fp8 training recipe: one scale, current or from the delayed history
+    delayed_scale = None
+    if fp8_scaling == 2:
         meta = _get(variables.get("fp8_meta", {}), path)
-        if fp8_scaling == 2:
-            if meta is None or "kernel_scale" not in meta:
-                raise ValueError(f"layer {'/'.join(path)}: delayed fp8 scaling state (fp8_meta) is missing.")
-            scale = jnp.asarray(meta["kernel_scale"], jnp.float32)
-        else:
-            scale = fp8_lib.scale_from_amax(fp8_lib.amax(kernel), fmt, margin, jnp.ones((), jnp.float32))
-        w_qp = QParams(scale, jnp.zeros((), jnp.int32))
-    elif "kernel_scale" in layer_params:  # LSQ-learned, stored in serving form
+        if meta is None or "kernel_scale" not in meta:
+            raise ValueError(f"layer {'/'.join(path)}: delayed fp8 scaling state (fp8_meta) is missing.")
+        delayed_scale = jnp.asarray(meta["kernel_scale"], jnp.float32)
+    learned = None
+    if "kernel_scale" in layer_params:  # LSQ-learned, stored in serving form
         scale = layer_params["kernel_scale"]
-        zp = layer_params.get("kernel_zero_point", jnp.zeros_like(scale))
-        w_qp = QParams(*(from_serving(a, spec, kernel.ndim) for a in (scale, zp)))
+        learned = (scale, layer_params.get("kernel_zero_point", jnp.zeros_like(scale)))
+    codes, serving = _codes_and_serving(kernel, learned, delayed_scale, fmt=fmt, gran=gran,
+                                        group=group, sym=sym, fp8_scaling=fp8_scaling,
+                                        margin=margin)
+    return codes, serving, specs.layout_spec(fmt, group, kernel.ndim > 2, sym)
+
+
+@functools.partial(jax.jit, static_argnames=("fmt", "gran", "group", "sym", "fp8_scaling", "margin"))
+def _codes_and_serving(kernel, learned, delayed_scale, *, fmt, gran, group, sym, fp8_scaling,
+                       margin) -> tuple[jax.Array, QParams]:
+    """Kernel codes and serving-form parameters, one compiled computation per layer kind."""
+    spec = specs.layout_spec(fmt, group, kernel.ndim > 2, sym)
+    if fp8_scaling == 2:  # the fp8 training recipe: one scale, from the delayed history...
+        w_qp = QParams(delayed_scale, jnp.zeros((), jnp.int32))
+    elif fp8_scaling == 1:  # ... or from the current amax
+        w_qp = QParams(fp8_lib.scale_from_amax(fp8_lib.amax(kernel), fmt, margin,
+                                               jnp.ones((), jnp.float32)), jnp.zeros((), jnp.int32))
+    elif learned is not None:
+        w_qp = QParams(*(from_serving(a, spec, kernel.ndim) for a in learned))
     else:
         w_qp = specs.weight_qparams_for(kernel, fmt, gran, group, sym)
     codes = quantize_kernel(kernel, w_qp, spec)
     serving = QParams(jnp.asarray(to_serving(w_qp.scale, spec), jnp.float32),
                       jnp.round(jnp.asarray(to_serving(w_qp.zero_point, spec), jnp.float32)
                                 ).astype(jnp.int32))
-    return codes, serving, spec
+    return codes, serving
 
 
 def _saturation(state: Any, lo: float, hi: float, signed: bool) -> tuple[float | None, int]:

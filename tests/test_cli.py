@@ -99,7 +99,7 @@ def test_run_prints_float_and_recipe_rows_and_saves(saved_run):
     code, out, path = saved_run
     assert code == 0
     lines = out.splitlines()
-    assert lines[0].startswith("int8_ptq (ptq): int8 PTQ")
+    assert lines[0].startswith("int8_ptq (ptq): W8A8 PTQ")
     header = next(i for i, line in enumerate(lines) if line.startswith("config"))
     float_row, recipe_row = lines[header + 2].split(), lines[header + 3].split()
     assert float_row[0] == "float" and recipe_row[0] == "int8_ptq"
