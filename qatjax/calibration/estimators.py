@@ -89,13 +89,15 @@ def minmax(state: Any, fmt: Format, *, symmetric: bool = True) -> QParams:
 def percentile(state: HistogramState, fmt: Format, p: float = 99.99, *, symmetric: bool = True) -> QParams:
     """Parameters from histogram quantiles, interpolated linearly inside the crossing bin.
 
-    Symmetric: ``amax`` is the ``p``-th percentile of ``|x|``: with ``T`` the total
-    count and ``b`` the first non-empty bin whose cumulative count reaches
-    ``p/100 * T``, ``amax = edge[b] + (p/100 * T - cum_before[b]) / count[b] * w``,
-    clipped to ``[min|x|, max|x|]``. This is within one bin width of
-    ``np.percentile(|x|, p)`` on dense data. (NVIDIA returns the LEFT edge of the
-    crossing bin, up to a bin lower, and less than ``max|x|`` for ``p = 100``;
-    here ``p = 100`` gives ``max|x|`` exactly.)
+    Symmetric: ``amax`` estimates ``np.percentile(|x|, p)`` (numpy's linear
+    interpolation of the order statistics at position ``h = p/100 * (T - 1)``), reading
+    the histogram as uniform within each bin: with ``t = h + 1/2`` and ``b`` the first
+    non-empty bin whose cumulative count reaches ``t``,
+    ``amax = edge[b] + (t - cum_before[b]) / count[b] * w``, clipped to
+    ``[min|x|, max|x|]``; ``p = 0`` and ``p = 100`` give ``min|x|`` and ``max|x|``
+    exactly. Where neighbouring samples are less than a bin apart this is within about
+    one bin width of numpy's value. (NVIDIA returns the LEFT edge of the bin where
+    ``cumsum / T`` reaches ``p/100``: up to a bin lower, and below ``max|x|`` at ``p = 100``.)
 
     Affine: the clipped mass ``(100 - p)%`` is split evenly between the tails
     (ONNX Runtime's convention): ``lo`` is the ``(100 - p)/2``-th and ``hi`` the
@@ -429,29 +431,36 @@ def _to_f32(hi: jax.Array, lo: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------------- percentile
 
 
-def _quantile(counts: jax.Array, origin: jax.Array, w: jax.Array, q: jax.Array) -> jax.Array:
-    """Value below which a fraction ``q`` of the mass lies, linear inside the crossing bin.
+def _quantile(
+    counts: jax.Array, origin: jax.Array, w: jax.Array, q: jax.Array, lo: jax.Array, hi: jax.Array
+) -> jax.Array:
+    """numpy's ``'linear'`` quantile ``q`` from a histogram, clipped to ``[lo, hi]``.
 
-    ``counts``: int32 ``(m,)`` over ``[origin, origin + m*w]``. ``b`` is the first
-    non-empty bin whose inclusive cumulative count reaches ``q * total``.
+    ``counts``: int32 ``(m,)`` over ``[origin, origin + m*w]``. numpy interpolates the
+    order statistics at position ``h = q * (T - 1)`` (0-based). Sample ``k`` of a bin is
+    placed at ``edge + (k - before + 1/2) / count * w`` (uniform within the bin), so the
+    value is read at cumulative count ``h + 1/2``: in the first non-empty bin ``b``
+    whose inclusive cumulative count reaches it. ``q = 0`` and ``q = 1`` give ``lo`` and
+    ``hi`` (the exact observed extremes), as numpy does.
     """
     ch, cl = _split_cumsum(counts)
     incl = _to_f32(ch[1:], cl[1:])
-    target = q * incl[-1]
+    target = q * (incl[-1] - 1.0) + 0.5
     b = jnp.argmax((incl >= target) & (counts > 0))
     before = _to_f32(ch[b], cl[b])
     frac = jnp.clip((target - before) / counts[b].astype(jnp.float32), 0.0, 1.0)
-    return origin + (b.astype(jnp.float32) + frac) * w
+    value = jnp.clip(origin + (b.astype(jnp.float32) + frac) * w, lo, hi)
+    return jnp.where(q <= 0.0, lo, jnp.where(q >= 1.0, hi, value))
 
 
 def _percentile_abs(counts, w, lo, hi, *, q):
-    return jnp.clip(_quantile(counts, jnp.float32(0), w, q), lo, hi)
+    return _quantile(counts, jnp.float32(0), w, q, lo, hi)
 
 
 def _percentile_signed(counts, w, lo, hi, *, q_lo, q_hi):
     origin = -(counts.shape[-1] // 2) * w
-    lo_q = jnp.clip(_quantile(counts, origin, w, q_lo), lo, hi)
-    hi_q = jnp.clip(_quantile(counts, origin, w, q_hi), lo, hi)
+    lo_q = _quantile(counts, origin, w, q_lo, lo, hi)
+    hi_q = _quantile(counts, origin, w, q_hi, lo, hi)
     return lo_q, hi_q
 
 

@@ -182,9 +182,9 @@ def test_property_percentile_is_monotone_and_bounded(p, seed):
     dist = ["gaussian", "uniform", "laplace_outliers", "relu"][seed]
     x = make_data(dist)
     s = observed(dist)
-    a = float(_percentile_amax(s, p))
-    assert np.abs(x).min() <= a <= np.abs(x).max()
-    assert a <= float(_percentile_amax(s, min(100.0, p + 1.0))) + 1e-6
+    a = float(_percentile_amax(s, p))  # scale * qmax: float32 rounding of the scale
+    assert np.abs(x).min() * (1 - 1e-6) <= a <= np.abs(x).max() * (1 + 1e-6)
+    assert a <= float(_percentile_amax(s, min(100.0, p + 1.0))) * (1 + 1e-6)
     if p <= 99.5:  # dense region: sorted values closer than a bin
         assert abs(a - np.percentile(np.abs(x), p)) <= float(s.bin_width()) * (1 + 1e-6)
 
