@@ -156,3 +156,27 @@ def test_amax_is_reduced_across_devices_under_pmap():
     scales = np.asarray(meta["input_scale"])
     np.testing.assert_array_equal(scales, np.full(n, scales[0]))
     assert scales[0] == pytest.approx(float(jnp.max(jnp.abs(x))) / 448.0, rel=1e-6)
+
+
+def test_amax_is_reduced_across_devices_under_shard_map():
+    n = jax.local_device_count()
+    cfg = CFG.replace(fp8_scaling="current")
+    x = jax.random.normal(jax.random.key(0), (n * 2, 8)) * jnp.repeat(jnp.arange(1, n + 1), 2)[:, None]
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("d",))
+    P = jax.sharding.PartitionSpec
+
+    def sharded(axis_name):
+        layer = QatDense(4, config=cfg, axis_name=axis_name, mode="train")
+        v = layer.init(jax.random.key(1), x[:2])
+        f = qatjax.calibration.shard_map(lambda x: layer.apply(v, x), mesh=mesh, in_specs=P("d"),
+                                         out_specs=P("d"))
+        return np.asarray(jax.jit(f)(x)), v
+
+    reduced, v = sharded("d")
+    local, _ = sharded(None)
+    whole = np.asarray(QatDense(4, config=cfg, mode="train").apply(v, x))
+    # With the amax pmax-reduced every shard uses the global scale: the sharded output is one
+    # device's on the whole batch (to float32 rounding of the per-shard GEMMs); with local
+    # amaxes the shards' fp8 grids differ and so do the outputs.
+    np.testing.assert_allclose(reduced, whole, rtol=1e-5, atol=1e-6)
+    assert np.abs(local - whole).max() > 1e-3
