@@ -39,4 +39,15 @@ from qatjax.model import (
     quantize_model_weights,
 )
 
+__all__ = [
+    "IntFormat", "FloatFormat", "Format", "format_from_name",
+    "int8", "uint8", "int4", "uint4", "fp8_e4m3", "fp8_e5m2",
+    "QParams", "qparams_from_minmax", "qparams_from_amax", "reduce_axes",
+    "split_groups", "merge_groups",
+    "quantize", "dequantize", "fake_quant", "lsq_grad_scale",
+    "calibration", "QatConfig", "flax", "checkpoint",
+    "calibrate", "calibrate_model", "finalize", "quant_report", "CalibrationReport",
+    "convert", "quantize_model_weights", "dequantize_weights",
+]
+
 __version__ = "0.1.0"
