@@ -97,8 +97,9 @@ def int_matmul(
       rhs: int8 codes ``[N, K]`` (``[N, G, g]`` when ``grouped``), or ``[K, N]`` when
         ``rhs_kn`` (not grouped). Integer accumulation is exact, so both layouts give the
         same result.
-      lhs_zero_point: int32 scalar (per-tensor activations).
-      rhs_zero_point: int32, shape ``()`` or ``[N]`` (``[N, G]`` when grouped).
+      lhs_zero_point: int32 scalar (per-tensor activations), or None when statically 0.
+      rhs_zero_point: int32, shape ``()`` or ``[N]`` (``[N, G]`` when grouped), or None when
+        statically 0. With both None no row or column sums are computed.
       grouped: contract each of the ``G`` groups separately (per-group weights).
       rhs_kn: ``rhs`` is laid out ``[K, N]``.
     Returns:
@@ -106,8 +107,12 @@ def int_matmul(
     """
     if lhs.dtype != jnp.int8 or rhs.dtype != jnp.int8:
         raise TypeError(f"int_matmul: operands must be int8 codes, got {lhs.dtype} and {rhs.dtype}.")
-    za = jnp.asarray(lhs_zero_point, jnp.int32)
-    zb = jnp.asarray(rhs_zero_point, jnp.int32)
+    if lhs_zero_point is None and rhs_zero_point is None:
+        # Both zero points are statically 0: the accumulator is the answer.
+        return lax.dot_general(lhs, rhs, (((lhs.ndim - 1,), (0,)), ((), ())) if rhs_kn
+                               else _dims(lhs.ndim, grouped), preferred_element_type=jnp.int32)
+    za = jnp.asarray(0 if lhs_zero_point is None else lhs_zero_point, jnp.int32)
+    zb = jnp.asarray(0 if rhs_zero_point is None else rhs_zero_point, jnp.int32)
     if rhs_kn and grouped:
         raise ValueError("int_matmul: `rhs_kn` is for ungrouped operands.")
     dims = (((lhs.ndim - 1,), (0,)), ((), ())) if rhs_kn else _dims(lhs.ndim, grouped)

@@ -7,8 +7,9 @@ same function (:func:`dot_from_codes`) the serving path runs on stored codes, so
 training and serving outputs are bit-identical. Its backward pass is the
 straight-through estimator, computed from the forward's codes: ``dx = (g @ w_hat.T)
 * mask_x`` and ``dw = (x_hat.T @ g) * mask_w``, with ``x_hat``, ``w_hat`` the
-dequantized codes and the masks those of the chosen estimator (no second
-quantization, and the activations are kept as 1-byte codes). With LSQ the backward
+dequantized codes (written in the forward's quantization loops and kept as the
+residuals: float training's memory, no second quantization) and the masks those of
+the chosen estimator (skipped when provably all ones). With LSQ the backward
 is the vector-Jacobian product of the float reference :func:`reference_dot`, which
 also gives the scale and zero-point gradients.
 
@@ -220,6 +221,9 @@ def dot_from_codes(qx: jax.Array, qw: jax.Array, x_qp: QParams, w_serving: QPara
                           lhs_symmetric=spec.x_symmetric, rhs_symmetric=spec.w_symmetric)
         a, za = signed_codes(qx, x_qp.zero_point, spec.x_format)
         b, zb = signed_codes(qw, w_serving.zero_point, spec.w_format)
+        # Symmetric signed codes have a zero point that is statically 0: no correction terms.
+        za = None if _zero_point_is_zero(spec.x_format, spec.x_symmetric) else za
+        zb = None if _zero_point_is_zero(spec.w_format, spec.w_symmetric) else zb
         acc = int_matmul(a, b, za, zb, grouped=grouped, rhs_kn=kernel_layout).astype(jnp.float32)
     else:
         acc = fp8_matmul(qx, qw, grouped=grouped)
@@ -230,6 +234,12 @@ def dot_from_codes(qx: jax.Array, qw: jax.Array, x_qp: QParams, w_serving: QPara
     w_scale = jnp.broadcast_to(w_scale, (qw.shape[0], qw.shape[1])).T
     w_scale = w_scale.reshape((w_scale.shape[0],) + (1,) * (acc.ndim - 2) + (w_scale.shape[1],))
     return jnp.sum(acc * (x_scale * w_scale), axis=0)
+
+
+def _zero_point_is_zero(fmt: Format, symmetric: bool) -> bool:
+    """Whether an operand's int8 zero point is 0 by construction (symmetric parameters, and
+    no -128 shift of uint8 codes)."""
+    return symmetric and (fmt.signed or fmt.bits < 8)
 
 
 def _conv_from_codes(qx, qw, x_qp, w_serving, spec: ConvSpec) -> jax.Array:
@@ -305,8 +315,11 @@ def _native_dot_fwd(x, w, x_qp, w_qp, spec):
     x_mask = ste_mask(x, x_qp, spec.x_format) if clipped and spec.x_mask else None
     w_mask = (ste_mask(_split_kernel(w, spec), w_qp, spec.w_format).reshape(w.shape)
               if clipped and spec.w_mask else None)
-    protos = (jnp.zeros((), x.dtype), jnp.zeros((), w.dtype))
-    return y, (qx, q_kernel, x_qp, w_qp, (x_mask, w_mask), protos)
+    # The dequantized operands, computed here in the same loops as the codes, are the
+    # residuals: the backward's GEMMs read them directly (float training's memory).
+    x_hat = dequantize(qx, x_qp, x.dtype)
+    w_hat = dequantize(_split_kernel(q_kernel, spec), w_qp, w.dtype).reshape(w.shape)  # [K, N]
+    return y, (x_hat, w_hat, x_qp, w_qp, (x_mask, w_mask))
 
 
 def _native_dot_bwd(spec, res, g):
@@ -314,16 +327,15 @@ def _native_dot_bwd(spec, res, g):
         x, w, x_qp, w_qp = res
         _, vjp = jax.vjp(lambda *a: reference_dot(*a, spec), x, w, x_qp, w_qp)
         return vjp(g)
-    qx, q_kernel, x_qp, w_qp, (x_mask, w_mask), (x_proto, w_proto) = res
-    dtype = x_proto.dtype
-    x_hat = dequantize(qx, x_qp, dtype)
-    w_hat = dequantize(_split_kernel(q_kernel, spec), w_qp, dtype).reshape(q_kernel.shape)  # [K, N]
+    x_hat, w_hat, x_qp, w_qp, (x_mask, w_mask) = res
+    dtype = x_hat.dtype
+    w_hat = w_hat.astype(dtype)
     g = g.astype(dtype)
     batch = tuple(range(g.ndim - 1))
     dx = lax.dot_general(g, w_hat, (((g.ndim - 1,), (1,)), ((), ())),
                          preferred_element_type=jnp.float32).astype(dtype)
     dw = lax.dot_general(x_hat, g, ((batch, batch), ((), ())),
-                         preferred_element_type=jnp.float32).astype(w_proto.dtype)  # [K, N]
+                         preferred_element_type=jnp.float32).astype(res[1].dtype)  # [K, N]
     if x_mask is not None:
         dx = jnp.where(x_mask, dx, jnp.zeros_like(dx))
     if w_mask is not None:
