@@ -106,7 +106,10 @@ def fake_quant(
       fmt: target format.
       ste: straight-through estimator, one of ``"identity"``, ``"clipped"``, ``"lsq"``.
       grad_scale: LSQ only: factor on the scale and zero-point gradients; ``"auto"``
-        uses ``1 / sqrt(N * qmax)`` with ``N = x.size // scale.size``.
+        uses ``1 / sqrt(N * qmax)`` with ``N = x.size // scale.size``, every element that
+        shares a scale -- right for weights. For activations the paper's N excludes the
+        batch (torch's quirk counts it): pass ``lsq_grad_scale(features, fmt)`` instead, as
+        ``QatDense`` / ``QatConv`` do.
     Returns:
       ``x_hat`` with ``x``'s shape and dtype. NaN inputs give NaN.
     """
