@@ -244,16 +244,26 @@ def has_data(state: MinMaxState | MovingAverageState | HistogramState) -> jax.Ar
 # eager calls compile once per shape, and inside an outer jit / pmap / shard_map they inline.
 
 
-@functools.partial(jax.jit, static_argnames=("keep_axes", "axis_name"))
-def _minmax_update(state: MinMaxState, x: jax.Array, keep_axes, axis_name) -> MinMaxState:
-    x, axes = _prepare(x, state.lo.shape, keep_axes, "minmax")
+def _global_batch_range(x, state_shape, keep_axes, axis_name, fn):
+    """The batch's finite ``(lo, hi, num_nonfinite)``, reduced over ``axis_name`` when given;
+    None for an empty batch."""
+    x, axes = _prepare(x, state_shape, keep_axes, fn)
     if x.size == 0:
-        return state
+        return None
     b_lo, b_hi, bad = _batch_range(x, axes, keep_axes is not None)
     if axis_name is not None:
         b_lo = lax.pmin(b_lo, axis_name)
         b_hi = lax.pmax(b_hi, axis_name)
         bad = saturating_psum(bad, axis_name)
+    return b_lo, b_hi, bad
+
+
+@functools.partial(jax.jit, static_argnames=("keep_axes", "axis_name"))
+def _minmax_update(state: MinMaxState, x: jax.Array, keep_axes, axis_name) -> MinMaxState:
+    batch = _global_batch_range(x, state.lo.shape, keep_axes, axis_name, "minmax")
+    if batch is None:
+        return state
+    b_lo, b_hi, bad = batch
     return MinMaxState(
         lo=jnp.minimum(state.lo, b_lo),
         hi=jnp.maximum(state.hi, b_hi),
@@ -265,14 +275,10 @@ def _minmax_update(state: MinMaxState, x: jax.Array, keep_axes, axis_name) -> Mi
 def _moving_average_update(
     state: MovingAverageState, x: jax.Array, momentum, keep_axes, axis_name
 ) -> MovingAverageState:
-    x, axes = _prepare(x, state.lo.shape, keep_axes, "moving_average_minmax")
-    if x.size == 0:
+    batch = _global_batch_range(x, state.lo.shape, keep_axes, axis_name, "moving_average_minmax")
+    if batch is None:
         return state
-    b_lo, b_hi, bad = _batch_range(x, axes, keep_axes is not None)
-    if axis_name is not None:
-        b_lo = lax.pmin(b_lo, axis_name)
-        b_hi = lax.pmax(b_hi, axis_name)
-        bad = saturating_psum(bad, axis_name)
+    b_lo, b_hi, bad = batch
     seen = b_lo <= b_hi
     first = state.num_batches == 0
     lo = jnp.where(first, b_lo, state.lo + momentum * (b_lo - state.lo))
