@@ -358,12 +358,13 @@ def _time_fn(fn, *args, repeats: int, inner: int = 10) -> float:
 def pieces(args, dtype) -> list[str]:
     """Times the pieces of one quantized layer at the benchmark's two layer shapes.
 
-    ``kernel`` is in the Flax layout ``[K, N]``; QatDense quantizes ``kernel.T`` (``[N, K]``).
+    ``kernel`` is in the Flax layout ``[K, N]``; QatDense quantizes it in place and (on
+    accelerators) transposes the 1-byte codes to ``[N, K]``.
     """
     from jax import lax
 
     from qatjax.flax import specs
-    from qatjax.qdot import DotSpec, quantize_weight, reference_dot
+    from qatjax.qdot import DotSpec, quantize_kernel, quantized_dot
 
     B, D = args.batch, args.dim
     cfg = QatConfig(activation_scaling="dynamic")
@@ -382,19 +383,16 @@ def pieces(args, dtype) -> list[str]:
     def quant_kernel_kn(k):  # per-channel codes in the kernel's own layout [K, N]
         return qatjax.quantize(k, amax_qp(k, 0), int8)
 
-    def quant_kernel_t(k):  # what QatDense does: codes of kernel.T, [N, K]
-        w_t = k.T
-        return quantize_weight(w_t, specs.weight_qparams(w_t, cfg), spec)
+    def quant_kernel_t(k):  # serving codes [N, K]: quantized in place, codes transposed
+        return quantize_kernel(k, specs.weight_qparams(k, cfg), spec)
 
-    def ste_bwd(a, k, g):  # qatjax's backward: vjp of the float reference on kernel.T
+    def ste_bwd(a, k, g):  # qatjax's backward: the vjp of quantized_dot
         qp_x = amax_qp(a)
 
-        def ref(a_, k_):
-            w_t = k_.T
-            return reference_dot(a_, w_t, qp_x, specs.weight_qparams(lax.stop_gradient(w_t), cfg),
-                                 spec)
+        def op(a_, k_):
+            return quantized_dot(a_, k_, qp_x, specs.weight_qparams(lax.stop_gradient(k_), cfg), spec)
 
-        return jax.vjp(ref, a, k)[1](g)
+        return jax.vjp(op, a, k)[1](g)
 
     def float_bwd(a, k, g):
         return jax.vjp(lambda a_, k_: lax.dot_general(a_, k_, kn, preferred_element_type=jnp.float32),
@@ -414,7 +412,7 @@ def pieces(args, dtype) -> list[str]:
         ("qatjax bwd", lambda a, k, qa, qk, qkt, g: (a, k, g), ste_bwd),
     ]
     lines = [(f"pieces of one layer, ms (median of {args.repeats} x {args.steps} calls); kernel [K,N], "
-              "'quant w.T' = per-channel codes of kernel.T as QatDense computes them:"),
+              "'quant w.T' = the serving [N,K] codes (quantized in place, codes transposed):"),
              f"{'x [B,K] @ kernel [K,N]':<24}" + "".join(f"{c[0]:>11}" for c in cols)]
     key = jax.random.key(1)
     for K, N in ((D, 4 * D), (4 * D, D)):
