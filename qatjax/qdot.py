@@ -7,9 +7,10 @@ same function (:func:`dot_from_codes`) the serving path runs on stored codes, so
 training and serving outputs are bit-identical. Its backward pass is the
 straight-through estimator, computed from the forward's codes: ``dx = (g @ w_hat.T)
 * mask_x`` and ``dw = (x_hat.T @ g) * mask_w``, with ``x_hat``, ``w_hat`` the
-dequantized codes (written in the forward's quantization loops and kept as the
-residuals: float training's memory, no second quantization) and the masks those of
-the chosen estimator (skipped when provably all ones). With LSQ the backward
+dequantized codes and the masks those of the chosen estimator (skipped when provably
+all ones). The residuals kept for the backward are the forward's 1-byte codes and
+their parameters -- a quarter of float training's activation memory, and no second
+quantization. With LSQ the backward
 is the vector-Jacobian product of the float reference :func:`reference_dot`, which
 also gives the scale and zero-point gradients.
 
@@ -285,8 +286,9 @@ def _kernel_codes(w, w_qp, spec: DotSpec) -> jax.Array:
     return merge_groups(q, 0) if spec.group_size is not None and not isinstance(spec, ConvSpec) else q
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _native_dot(x, w, x_qp, w_qp, spec):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _native_dot(x, w, x_qp, w_qp, spec, x_dtype, w_dtype):
+    """``x_dtype`` / ``w_dtype``: ``x``'s and ``w``'s dtypes (static), the dtypes of the gradients."""
     return _native_forward(x, w, x_qp, w_qp, spec)[0]
 
 
@@ -307,7 +309,7 @@ def _reference_backward(spec: DotSpec) -> bool:
     return spec.ste == "lsq" or isinstance(spec, ConvSpec)
 
 
-def _native_dot_fwd(x, w, x_qp, w_qp, spec):
+def _native_dot_fwd(x, w, x_qp, w_qp, spec, x_dtype, w_dtype):
     y, qx, q_kernel = _native_forward(x, w, x_qp, w_qp, spec)
     if _reference_backward(spec):
         return y, (x, w, x_qp, w_qp)
@@ -315,27 +317,25 @@ def _native_dot_fwd(x, w, x_qp, w_qp, spec):
     x_mask = ste_mask(x, x_qp, spec.x_format) if clipped and spec.x_mask else None
     w_mask = (ste_mask(_split_kernel(w, spec), w_qp, spec.w_format).reshape(w.shape)
               if clipped and spec.w_mask else None)
-    # The dequantized operands, computed here in the same loops as the codes, are the
-    # residuals: the backward's GEMMs read them directly (float training's memory).
-    x_hat = dequantize(qx, x_qp, x.dtype)
-    w_hat = dequantize(_split_kernel(q_kernel, spec), w_qp, w.dtype).reshape(w.shape)  # [K, N]
-    return y, (x_hat, w_hat, x_qp, w_qp, (x_mask, w_mask))
+    # The residuals are the 1-byte codes (a quarter of float training's activation memory);
+    # the backward dequantizes them right before its GEMMs.
+    return y, (qx, q_kernel, x_qp, w_qp, (x_mask, w_mask))
 
 
-def _native_dot_bwd(spec, res, g):
+def _native_dot_bwd(spec, dtype, w_dtype, res, g):
     if _reference_backward(spec):
         x, w, x_qp, w_qp = res
         _, vjp = jax.vjp(lambda *a: reference_dot(*a, spec), x, w, x_qp, w_qp)
         return vjp(g)
-    x_hat, w_hat, x_qp, w_qp, (x_mask, w_mask) = res
-    dtype = x_hat.dtype
-    w_hat = w_hat.astype(dtype)
+    qx, q_kernel, x_qp, w_qp, (x_mask, w_mask) = res
+    x_hat = dequantize(qx, x_qp, dtype)
+    w_hat = dequantize(_split_kernel(q_kernel, spec), w_qp, dtype).reshape(q_kernel.shape)  # [K, N]
     g = g.astype(dtype)
     batch = tuple(range(g.ndim - 1))
     dx = lax.dot_general(g, w_hat, (((g.ndim - 1,), (1,)), ((), ())),
                          preferred_element_type=jnp.float32).astype(dtype)
     dw = lax.dot_general(x_hat, g, ((batch, batch), ((), ())),
-                         preferred_element_type=jnp.float32).astype(res[1].dtype)  # [K, N]
+                         preferred_element_type=jnp.float32).astype(w_dtype)  # [K, N]
     if x_mask is not None:
         dx = jnp.where(x_mask, dx, jnp.zeros_like(dx))
     if w_mask is not None:
@@ -367,4 +367,4 @@ def quantized_dot(x: jax.Array, w: jax.Array, x_qp: QParams | None, w_qp: QParam
         )
     if spec.native is None:
         return reference_dot(x, w, x_qp, w_qp, spec)
-    return _native_dot(x, w, x_qp, w_qp, spec)
+    return _native_dot(x, w, x_qp, w_qp, spec, jnp.dtype(x.dtype), jnp.dtype(w.dtype))

@@ -61,7 +61,7 @@ def qparams_from_amax(amax: jax.typing.ArrayLike, fmt: Format) -> QParams:
     fmt = as_format(fmt)
     amax = jnp.abs(jnp.asarray(amax, jnp.float32))
     scale = jnp.maximum(_divide(amax, jnp.float32(fmt.qmax)), jnp.float32(SCALE_EPS))
-    return QParams(scale, jnp.zeros(scale.shape, jnp.int32))
+    return QParams(computed_once(scale), jnp.zeros(scale.shape, jnp.int32))
 
 
 def qparams_from_minmax(
@@ -102,7 +102,7 @@ def qparams_from_minmax(
     qmin, qmax = float(fmt.qmin), float(fmt.qmax)
     scale = jnp.maximum(_divide(hi - lo, jnp.float32(qmax - qmin)), jnp.float32(SCALE_EPS))
     zero_point = jnp.clip(jnp.float32(qmin) - jnp.round(_divide(lo, scale)), qmin, qmax)
-    return QParams(scale, zero_point.astype(jnp.int32))
+    return QParams(computed_once(scale), computed_once(zero_point.astype(jnp.int32)))
 
 
 def reduce_axes(ndim: int, keep_axes: int | Sequence[int] | None) -> tuple[int, ...]:
@@ -147,6 +147,32 @@ def merge_groups(x: jax.Array, axis: int) -> jax.Array:
     """Merges axes ``axis`` and ``axis + 1`` back into one (inverse of :func:`split_groups`)."""
     axis = _normalize_axis(axis, x.ndim - 1, "axis")
     return x.reshape(x.shape[:axis] + (x.shape[axis] * x.shape[axis + 1],) + x.shape[axis + 2:])
+
+
+def computed_once(a: jax.Array) -> jax.Array:
+    """``a`` unchanged (NaN, infinities and signed zeros included), as a value XLA computes once.
+
+    Quantization parameters are small arrays (``[1, N]``, ``[G, 1, N]``, scalars) computed
+    by chains of cheap elementwise operations (the exact division below is about 40) and
+    then broadcast against large tensors. XLA's fusion duplicates cheap producers into
+    every consumer, so without this each of those consumers -- the quantization loop, the
+    matmul epilogue, the backward's elementwise fusions -- recomputes the whole chain for
+    every element of the large tensor (2-3x slower loops on CPU). Only an "expensive"
+    producer is kept as its own fusion and read from memory; a division by a runtime
+    one, ``a / ((b | 1) // (b | 1))`` with ``b`` the bits of ``a``, is such a producer,
+    and it is exact. (``lax.optimization_barrier`` does not help: XLA:CPU removes it
+    before fusion.)
+
+    Args:
+      a: float32 or int32 array.
+    Returns:
+      ``a``, bit for bit (float32 subnormals excepted: XLA:CPU flushes them to zero in any
+      float arithmetic).
+    """
+    bits = (lax.bitcast_convert_type(a, jnp.int32) if jnp.issubdtype(a.dtype, jnp.floating)
+            else a.astype(jnp.int32)) | 1
+    one = lax.div(bits, bits)
+    return a / one.astype(a.dtype) if jnp.issubdtype(a.dtype, jnp.floating) else lax.div(a, one.astype(a.dtype))
 
 
 @jax.custom_jvp

@@ -82,6 +82,17 @@ def test_backward_is_the_ste_gradient_of_the_reference(x_fmt, w_fmt, x_sym, w_sy
                                rtol=1e-4, atol=1e-5)
 
 
+def test_backward_keeps_the_one_byte_codes_not_float_copies():
+    """The residuals between forward and backward are the int8 codes and their parameters:
+    no float array of the activation's or the kernel's size is kept."""
+    x, w, x_qp, w_qp, _ = _setup(qatjax.int8, qatjax.int8, True, True)
+    spec = DotSpec(qatjax.int8, qatjax.int8, x_mask=False, w_mask=False)
+    _, vjp = jax.vjp(lambda x, w: quantized_dot(x, w, x_qp, w_qp, spec), x, w)
+    kept = [(leaf.dtype, leaf.shape) for leaf in jax.tree_util.tree_leaves(vjp)]
+    assert (jnp.dtype(jnp.int8), x.shape) in kept and (jnp.dtype(jnp.int8), w.shape) in kept
+    assert all(np.prod(shape) < min(x.size, w.size) for dtype, shape in kept if dtype != jnp.int8), kept
+
+
 def test_lsq_scales_receive_gradients_through_the_native_forward():
     x, w, x_qp, w_qp, _ = _setup(qatjax.int8, qatjax.int4, True, True)
     spec = DotSpec(qatjax.int8, qatjax.int4, ste="lsq", w_grad_scale=0.5)

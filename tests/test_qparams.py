@@ -296,3 +296,33 @@ def test_split_groups_rejects_bad_group_size(group_size):
 def test_split_groups_rejects_bad_axis(axis):
     with pytest.raises(ValueError, match="`axis`"):
         split_groups(jnp.zeros((2, 12)), axis, 4)
+
+
+def test_computed_once_returns_every_bit_unchanged():
+    from qatjax.qparams import computed_once
+
+    # (not subnormals: XLA:CPU flushes those to zero in any float arithmetic)
+    f = np.array([np.inf, -np.inf, np.nan, -0.0, 0.0, 1.2e-38, 3.4e38, -2.5, 0.1], np.float32)
+    i = np.array([0, -1, 1, 2**31 - 1, -(2**31), 127, -128], np.int32)
+    for a in (f, i):
+        for fn in (computed_once, jax.jit(computed_once), jax.vmap(computed_once)):
+            out = np.asarray(fn(jnp.asarray(a)))
+            assert out.dtype == a.dtype
+            np.testing.assert_array_equal(out.view(np.int32), a.view(np.int32))
+    # Differentiable as the identity.
+    np.testing.assert_array_equal(np.asarray(jax.grad(lambda a: jnp.sum(3 * computed_once(a)))(
+        jnp.asarray(f[3:]))), np.full(6, 3, np.float32))
+
+
+def test_parameters_are_computed_once_not_per_element():
+    """The parameter chain stays out of the loop over the large tensor: in the compiled HLO,
+    the fusion that multiplies a [256, 2048] tensor by the scale holds no exact division."""
+    amax = jnp.linspace(1.0, 2.0, 2048)
+    acc = jnp.ones((256, 2048))
+    hlo = jax.jit(lambda a, m: a * qatjax.qparams_from_amax(m, "int8").scale).lower(acc, amax).compile().as_text()
+    comps = [c.strip() for c in hlo.split("\n\n") if c.strip().startswith("%fused_computation")]
+    big = [c for c in comps if "-> f32[256,2048]" in c.split("\n")[0]]
+    assert len(big) == 1, hlo
+    # the exact division's bit mask 0xFFFFF000 (4294963200) is computed in another fusion
+    assert "4294963200" not in big[0] and "bitcast-convert" not in big[0], big[0]
+    assert any("4294963200" in c for c in comps), hlo
