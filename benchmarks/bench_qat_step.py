@@ -14,7 +14,10 @@ for each variant on the same data in the same run:
   ``aqt.jax.v2.config.fully_quantized(fwd_bits=8, bwd_bits=None)`` (int8 forward,
   float backward; no stochastic rounding since the backward is not quantized);
 * ``qwix int8``: ``qwix.quantize_model`` with
-  ``QtProvider([QtRule(module_path='.*', weight_qtype='int8', act_qtype='int8')])``.
+  ``QtProvider([QtRule(module_path='.*', weight_qtype='int8', act_qtype='int8')])``;
+* ``qatjax int8 orig-res``: ``qatjax int8 dynamic`` with ``original_residuals=True``,
+  Qwix's estimator (the backward multiplies by the float x and kernel; Qwix's default
+  when only the forward is quantized), for a like-for-like comparison with Qwix.
 
 AQT and Qwix come with the ``bench`` extra (``pip install -e '.[bench]'``).
 
@@ -30,8 +33,7 @@ Usage::
     python benchmarks/bench_qat_step.py [--batch 256] [--dim 512] [--dtype float32]
         [--steps 10] [--repeats 11] [--only float,qatjax-dynamic,...] [--profile]
 
-``--profile`` also runs ``proto`` (a prototype of the fix proposed for QatDense, defined
-here, not part of qatjax), counts each variant's dot_generals by operand type in its
+``--profile`` also counts each variant's dot_generals by operand type in its
 compiled HLO, splits each train step's op time by category from a ``jax.profiler``
 trace, times forward-only and forward+backward, and times the pieces of one layer (an
 int8 against a float dot at the layer shapes, the quantization ops, the backward).
@@ -125,6 +127,15 @@ def make_qatjax_dynamic(dim, dtype, x, calib):
                    note="per-channel w, per-tensor absmax x each batch")
 
 
+def make_qatjax_original_residuals(dim, dtype, x, calib):
+    cfg = QatConfig(weight_format="int8", activation_format="int8", activation_scaling="dynamic",
+                    original_residuals=True)
+    dense = functools.partial(QatDense, config=cfg, dtype=dtype, param_dtype=jnp.float32)
+    model = MLPStack(dim, dense, (("mode", "train"),))
+    return Variant("qatjax int8 orig-res", model, *_init(model, x),
+                   note="as dynamic, backward on float x and kernel (Qwix's estimator)")
+
+
 def make_qatjax_static(dim, dtype, x, calib):
     import qatjax.model
 
@@ -164,73 +175,13 @@ def make_qwix(dim, dtype, x, calib):
                    note="QtRule(weight_qtype=int8, act_qtype=int8)")
 
 
-# A prototype of the fix proposed for QatDense (not part of qatjax): same numerics as
-# "qatjax int8 dynamic" (bit-identical loss and gradients), but the weight is quantized in
-# the kernel's own [K, N] layout (no transpose of the float kernel) and the backward reuses
-# the forward's codes instead of re-running fake quantization on float residuals.
-
-
-def _amax_qparams(a, axis=None):
-    amax = jnp.max(jnp.abs(jax.lax.stop_gradient(a)), axis=axis, keepdims=axis is not None)
-    return qatjax.qparams_from_amax(amax.astype(jnp.float32), qatjax.int8)
-
-
-def _proto_fwd(x, kernel):
-    x_qp, w_qp = _amax_qparams(x), _amax_qparams(kernel, 0)  # scales () and [1, N]
-    qx, qw = qatjax.quantize(x, x_qp, qatjax.int8), qatjax.quantize(kernel, w_qp, qatjax.int8)
-    acc = jax.lax.dot_general(qx, qw, (((x.ndim - 1,), (0,)), ((), ())),
-                              preferred_element_type=jnp.int32)
-    y = (acc.astype(jnp.float32) * (x_qp.scale * w_qp.scale)).astype(x.dtype)
-    return y, (qx, x_qp.scale, qw, w_qp.scale)
-
-
-def _proto_bwd(res, g):
-    # Clipped STE: with absmax-derived scales no code is clipped, so the mask is all ones.
-    qx, sx, qw, sw = res
-    x_hat = (qx.astype(jnp.float32) * sx).astype(g.dtype)
-    w_hat = (qw.astype(jnp.float32) * sw).astype(g.dtype)
-    dx = jax.lax.dot_general(g, w_hat, (((g.ndim - 1,), (1,)), ((), ())),
-                             preferred_element_type=jnp.float32)
-    g2, x2 = g.reshape(-1, g.shape[-1]), x_hat.reshape(-1, x_hat.shape[-1])
-    dw = jax.lax.dot_general(x2, g2, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-    return dx.astype(g.dtype), dw.astype(g.dtype)
-
-
-@jax.custom_vjp
-def _proto_dot(x, kernel):
-    return _proto_fwd(x, kernel)[0]
-
-
-_proto_dot.defvjp(_proto_fwd, _proto_bwd)
-
-
-class ProtoDense(nn.Module):
-    features: int
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features),
-                            self.param_dtype)
-        bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
-        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        return _proto_dot(x, kernel) + bias
-
-
-def make_proto(dim, dtype, x, calib):
-    model = MLPStack(dim, functools.partial(ProtoDense, dtype=dtype))
-    return Variant("proto fix (not qatjax)", model, *_init(model, x),
-                   note="[K,N] codes, fwd codes reused in bwd")
-
-
 VARIANTS: dict[str, Callable] = {
     "float": make_float,
     "qatjax-dynamic": make_qatjax_dynamic,
     "qatjax-static": make_qatjax_static,
     "aqt": make_aqt,
     "qwix": make_qwix,
-    "proto": make_proto,  # only with --profile or --only
+    "qatjax-orig": make_qatjax_original_residuals,
 }
 MISSING_HINT = {
     "aqt": "aqt int8: skipped, aqtp is not installed (pip install -e '.[bench]')",
@@ -514,21 +465,6 @@ def trace_breakdown(runners: dict[str, Runner], steps: int) -> list[str]:
     return lines
 
 
-def proto_parity(runners: dict[str, Runner], x, y) -> list[str]:
-    """Max |difference| of loss and gradients between the prototype and qatjax (same params)."""
-    if "proto" not in runners or "qatjax-dynamic" not in runners:
-        return []
-    params = runners["qatjax-dynamic"].variant.params
-    out = {}
-    for name in ("qatjax-dynamic", "proto"):
-        out[name] = jax.jit(jax.value_and_grad(runners[name].loss_fn))(params, x, y)
-    (la, ga), (lb, gb) = out["qatjax-dynamic"], out["proto"]
-    diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree_util.tree_leaves(ga),
-                                                               jax.tree_util.tree_leaves(gb)))
-    return [(f"proto vs qatjax int8 dynamic at the same params: |loss diff| {abs(float(la - lb)):.3g}, "
-             f"max |grad diff| {diff:.3g}")]
-
-
 def whole_model(args, runners: dict[str, Runner]) -> list[str]:
     """Forward only and forward+backward (no optimizer) of each variant, ms."""
     lines = ["forward / forward+backward of the whole model (no optimizer), ms:"]
@@ -564,8 +500,7 @@ def main() -> None:
              for i in range(4)]
     tx = optax.adam(1e-4)
 
-    wanted = [n for n in args.only.split(",") if n] or [
-        n for n in VARIANTS if n != "proto" or args.profile]
+    wanted = [n for n in args.only.split(",") if n] or list(VARIANTS)
     unknown = sorted(set(wanted) - set(VARIANTS))
     if unknown:
         parser.error(f"--only: unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
@@ -644,8 +579,7 @@ def main() -> None:
                 with open(os.path.join(args.hlo_dir, f"{name}.hlo.txt"), "w") as f:
                     f.write(text)
     if args.profile:
-        for part in (lambda: proto_parity(runners, x, y),
-                     lambda: trace_breakdown(runners, args.steps), lambda: whole_model(args, runners),
+        for part in (lambda: trace_breakdown(runners, args.steps), lambda: whole_model(args, runners),
                      lambda: pieces(args, dtype)):
             try:
                 lines = part()

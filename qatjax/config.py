@@ -54,6 +54,14 @@ class QatConfig:
       learnable_scales: LSQ: scales (and affine zero points) live in ``params`` and are
         trained; implies ``ste="lsq"``.
       lsq_grad_scale: apply LSQ's gradient scale ``1/sqrt(N * qmax)``.
+      original_residuals: the backward pass multiplies by the float input and kernel
+        instead of their quantized values (``dx = (g @ kernel.T) * mask_x``,
+        ``dw = (x.T @ g) * mask_w``): Qwix's default when only the forward pass is
+        quantized. It skips dequantizing the codes, so a train step is a few percent
+        cheaper, but it keeps float residuals (4x the memory of the default int8 codes)
+        and is not the gradient of the fake-quant forward that PyTorch's fake
+        quantization and AQT compute (the default, False). Needs two integer (or two
+        fp8) operands and ``ste`` ``"clipped"`` or ``"identity"``.
       fp8_scaling: the fp8 training recipe (:mod:`qatjax.fp8`), for fp8 weights and
         activations with per-tensor scales: ``"current"`` (amax of the tensor now) or
         ``"delayed"`` (amax history in the ``fp8_meta`` collection, Transformer Engine
@@ -80,6 +88,7 @@ class QatConfig:
     ste: str = "clipped"
     learnable_scales: bool = False
     lsq_grad_scale: bool = True
+    original_residuals: bool = False
     fp8_scaling: str | None = None
     fp8_grad_format: Format | None = "fp8_e5m2"
     amax_history_len: int = 16
@@ -100,7 +109,7 @@ class QatConfig:
             _check_choice("fp8_scaling", self.fp8_scaling, FP8_SCALINGS)
         _check_choice("amax_compute_algo", self.amax_compute_algo, AMAX_ALGOS)
         for name in ("weight_symmetric", "activation_symmetric", "learnable_scales",
-                     "lsq_grad_scale"):
+                     "lsq_grad_scale", "original_residuals"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"QatConfig: `{name}` must be true or false, got {getattr(self, name)!r}.")
         if self.weight_granularity == "per_group":
@@ -148,6 +157,16 @@ class QatConfig:
                                  "weight_granularity='per_tensor'.")
             if self.learnable_scales:
                 raise ValueError("QatConfig: `fp8_scaling` and `learnable_scales` exclude each other.")
+        if self.original_residuals:
+            if not (self.integer_matmul or self.fp8_matmul):
+                raise ValueError("QatConfig: `original_residuals` needs two integer (or two fp8) "
+                                 "operands: set both weight_format and activation_format.")
+            if self.ste == "lsq":
+                raise ValueError("QatConfig: `original_residuals` excludes ste='lsq' (learnable "
+                                 "scales need the quantized operands in the backward pass).")
+            if self.fp8_scaling is not None:
+                raise ValueError("QatConfig: `original_residuals` does not apply with `fp8_scaling`, "
+                                 "whose backward pass has its own fp8 operands.")
 
     @property
     def integer_matmul(self) -> bool:

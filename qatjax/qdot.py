@@ -69,6 +69,10 @@ class DotSpec:
       x_mask / w_mask: whether the clipped estimator needs the operand's mask; False when
         the caller knows no code can clip (symmetric integer parameters from the tensor's
         own absmax), which saves a pass over the tensor.
+      original_residuals: the backward's matmuls take the float ``x`` and kernel instead of
+        their dequantized codes (Qwix's default for forward-only quantization): cheaper
+        (no dequantization) but float residuals, and not the gradient of the fake-quant
+        forward. Native matmuls with the identity or clipped estimator only.
     """
 
     x_format: Format | None
@@ -81,6 +85,7 @@ class DotSpec:
     w_grad_scale: float | None = None
     x_mask: bool = True
     w_mask: bool = True
+    original_residuals: bool = False
 
     @property
     def native(self) -> str | None:
@@ -304,38 +309,42 @@ def _native_forward(x, w, x_qp, w_qp, spec):
     return y, qx, q_kernel
 
 
-def _reference_backward(spec: DotSpec) -> bool:
-    """LSQ needs the reference's scale gradients; convolutions use its float backward."""
-    return spec.ste == "lsq" or isinstance(spec, ConvSpec)
-
-
 def _native_dot_fwd(x, w, x_qp, w_qp, spec, x_dtype, w_dtype):
     y, qx, q_kernel = _native_forward(x, w, x_qp, w_qp, spec)
-    if _reference_backward(spec):
+    if spec.ste == "lsq":  # the scale gradients come from the reference's vjp
         return y, (x, w, x_qp, w_qp)
     clipped = spec.ste == "clipped"
     x_mask = ste_mask(x, x_qp, spec.x_format) if clipped and spec.x_mask else None
     w_mask = (ste_mask(_split_kernel(w, spec), w_qp, spec.w_format).reshape(w.shape)
               if clipped and spec.w_mask else None)
-    # The residuals are the 1-byte codes (a quarter of float training's activation memory);
-    # the backward dequantizes them right before its GEMMs.
-    return y, (qx, q_kernel, x_qp, w_qp, (x_mask, w_mask))
+    # By default the residuals are the 1-byte codes (a quarter of float training's
+    # activation memory), dequantized by the backward right before its matmuls.
+    operands = (x, w) if spec.original_residuals else (qx, q_kernel)
+    return y, (operands, x_qp, w_qp, (x_mask, w_mask))
 
 
 def _native_dot_bwd(spec, dtype, w_dtype, res, g):
-    if _reference_backward(spec):
+    if spec.ste == "lsq":
         x, w, x_qp, w_qp = res
         _, vjp = jax.vjp(lambda *a: reference_dot(*a, spec), x, w, x_qp, w_qp)
         return vjp(g)
-    qx, q_kernel, x_qp, w_qp, (x_mask, w_mask) = res
-    x_hat = dequantize(qx, x_qp, dtype)
-    w_hat = dequantize(_split_kernel(q_kernel, spec), w_qp, dtype).reshape(q_kernel.shape)  # [K, N]
+    (a, b), x_qp, w_qp, (x_mask, w_mask) = res
+    if spec.original_residuals:
+        a, b = a.astype(dtype), b.astype(dtype)
+    else:  # x_hat, w_hat
+        a = dequantize(a, x_qp, dtype)
+        b = dequantize(_split_kernel(b, spec), w_qp, dtype).reshape(b.shape)
     g = g.astype(dtype)
-    batch = tuple(range(g.ndim - 1))
-    dx = lax.dot_general(g, w_hat, (((g.ndim - 1,), (1,)), ((), ())),
-                         preferred_element_type=jnp.float32).astype(dtype)
-    dw = lax.dot_general(x_hat, g, ((batch, batch), ((), ())),
-                         preferred_element_type=jnp.float32).astype(w_dtype)  # [K, N]
+    if isinstance(spec, ConvSpec):
+        _, vjp = jax.vjp(lambda a_, b_: spec.conv(a_, b_, jnp.float32), a, b)
+        dx, dw = vjp(g.astype(jnp.float32))
+        dx, dw = dx.astype(dtype), dw.astype(w_dtype)
+    else:
+        batch = tuple(range(g.ndim - 1))
+        dx = lax.dot_general(g, b, (((g.ndim - 1,), (1,)), ((), ())),
+                             preferred_element_type=jnp.float32).astype(dtype)
+        dw = lax.dot_general(a, g, ((batch, batch), ((), ())),
+                             preferred_element_type=jnp.float32).astype(w_dtype)  # [K, N]
     if x_mask is not None:
         dx = jnp.where(x_mask, dx, jnp.zeros_like(dx))
     if w_mask is not None:
@@ -364,6 +373,11 @@ def quantized_dot(x: jax.Array, w: jax.Array, x_qp: QParams | None, w_qp: QParam
     if not isinstance(spec, ConvSpec) and x.shape[-1] != w.shape[0]:
         raise ValueError(
             f"quantized_dot: x has {x.shape[-1]} input features but the kernel expects {w.shape[0]}."
+        )
+    if spec.original_residuals and (spec.native is None or spec.ste == "lsq"):
+        raise ValueError(
+            "quantized_dot: `original_residuals` needs two integer (or two fp8) operands and the "
+            f"identity or clipped estimator; got {spec.x_format}, {spec.w_format}, ste={spec.ste!r}."
         )
     if spec.native is None:
         return reference_dot(x, w, x_qp, w_qp, spec)

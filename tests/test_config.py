@@ -46,6 +46,13 @@ def test_learnable_scales_select_lsq():
     ({"weight_symmetric": "yes"}, "weight_symmetric"),
     ({"weight_format": "fp8_e4m3", "weight_symmetric": False}, "symmetric"),
     ({"weight_format": None, "activation_format": None}, "at least one"),
+    ({"original_residuals": 1}, "original_residuals"),
+    ({"original_residuals": True, "activation_format": None}, "original_residuals"),
+    ({"original_residuals": True, "weight_format": "int4", "activation_format": "fp8_e4m3"},
+     "original_residuals"),
+    ({"original_residuals": True, "ste": "lsq"}, "original_residuals"),
+    ({"original_residuals": True, "weight_format": "fp8_e4m3", "activation_format": "fp8_e4m3",
+      "weight_granularity": "per_tensor", "fp8_scaling": "current"}, "original_residuals"),
 ])
 def test_bad_values_are_named(changes, match):
     with pytest.raises((ValueError, TypeError), match=match):

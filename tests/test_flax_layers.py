@@ -138,8 +138,9 @@ def _toy_data():
 
 @pytest.mark.parametrize("cfg", [
     QatConfig(**DYN),
+    QatConfig(**DYN, original_residuals=True),
     QatConfig(weight_format="int4", activation_format=None, learnable_scales=True),
-], ids=["int8-dynamic", "int4-lsq"])
+], ids=["int8-dynamic", "int8-original-residuals", "int4-lsq"])
 def test_plain_optax_trainstate_loop_trains(cfg):
     x, y = _toy_data()
     model = _MLP(cfg)
@@ -147,10 +148,6 @@ def test_plain_optax_trainstate_loop_trains(cfg):
     state = train_state.TrainState.create(apply_fn=model.apply, params=variables["params"],
                                           tx=optax.adam(1e-2))
     rest = {k: v for k, v in variables.items() if k != "params"}
-
-    def loss_fn(params):
-        logits = state.apply_fn({"params": params, **rest}, x)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
     @jax.jit
     def step(state):
@@ -173,6 +170,22 @@ def test_plain_optax_trainstate_loop_trains(cfg):
         assert float(jnp.abs(g["kernel_scale"]).sum()) > 0
         initial = model.init(jax.random.key(1), x)["params"]["QatDense_0"]["kernel_scale"]
         assert not np.allclose(np.asarray(state.params["QatDense_0"]["kernel_scale"]), np.asarray(initial))
+
+
+@pytest.mark.parametrize("original", [False, True])
+def test_kernel_gradient_uses_quantized_or_original_operands(original):
+    """Dynamic absmax scales clip nothing, so the kernel gradient is ``x_hat.T @ ct`` (the STE on
+    the fake-quant forward) by default and ``x.T @ ct`` with original residuals (numpy)."""
+    x = _x((6, 32), seed=3)
+    cfg = QatConfig(**DYN, original_residuals=original)
+    model = QatDense(8, config=cfg, mode="train", use_bias=False)
+    params = model.init(jax.random.key(2), x)["params"]
+    ct = _x((6, 8), seed=4)
+    g = jax.grad(lambda p: jnp.sum(model.apply({"params": p}, x) * ct))(params)["kernel"]
+    x_qp = qatjax.qparams_from_amax(jnp.max(jnp.abs(x)), qatjax.int8)
+    x_used = np.asarray(x if original else qatjax.fake_quant(x, x_qp, qatjax.int8), np.float64)
+    np.testing.assert_allclose(np.asarray(g), x_used.T @ np.asarray(ct, np.float64), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(np.asarray(x), np.asarray(qatjax.fake_quant(x, x_qp, qatjax.int8)), atol=1e-4)
 
 
 def test_quant_mode_context_overrides_every_layer():

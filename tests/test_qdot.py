@@ -1,5 +1,6 @@
 """quantized_dot: the native forward agrees with the fake-quant reference; the STE backward."""
 
+import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -93,6 +94,47 @@ def test_backward_keeps_the_one_byte_codes_not_float_copies():
     assert all(np.prod(shape) < min(x.size, w.size) for dtype, shape in kept if dtype != jnp.int8), kept
 
 
+def _np_mask(a, qp, fmt):
+    """The clipped STE's mask in numpy: the unclipped code lies in the format's range."""
+    a, scale, zp = (np.asarray(v, np.float32) for v in (a, qp.scale, qp.zero_point))
+    if fmt.is_float:
+        return np.abs(a / scale) <= fmt.max
+    code = np.rint(a * (np.float32(1) / scale)) + zp
+    return (code >= fmt.qmin) & (code <= fmt.qmax)
+
+
+@pytest.mark.parametrize("x_fmt,w_fmt,x_sym,w_sym,group", [CASES[0], CASES[1], CASES[3], CASES[5]])
+def test_original_residuals_backward_uses_the_float_operands(x_fmt, w_fmt, x_sym, w_sym, group):
+    """Qwix's estimator: the same forward, and dx = (ct @ w.T) * mask_x, dw = (x.T @ ct) * mask_w
+    with the float operands (hand-derived in numpy)."""
+    x, w, x_qp, w_qp, spec = _setup(x_fmt, w_fmt, x_sym, w_sym, group, seed=4)
+    # narrower ranges than the data, so that both masks clip
+    x_qp, w_qp = (qatjax.QParams(qp.scale * 0.7, qp.zero_point) for qp in (x_qp, w_qp))
+    orig = dataclasses.replace(spec, original_residuals=True)
+    np.testing.assert_array_equal(np.asarray(quantized_dot(x, w, x_qp, w_qp, orig)),
+                                  np.asarray(quantized_dot(x, w, x_qp, w_qp, spec)))
+    ct = jax.random.normal(jax.random.key(5), (3, 5, 24))
+    gx, gw = jax.grad(lambda x, w: jnp.sum(quantized_dot(x, w, x_qp, w_qp, orig) * ct),
+                      argnums=(0, 1))(x, w)
+    wg = w if group is None else qatjax.split_groups(w, 0, group)
+    x_mask = _np_mask(x, x_qp, x_fmt)
+    w_mask = _np_mask(wg, w_qp, w_fmt).reshape(w.shape)
+    assert not x_mask.all() and not w_mask.all()
+    c, xn, wn = (np.asarray(a, np.float64) for a in (ct, x, w))
+    np.testing.assert_allclose(np.asarray(gx), (c @ wn.T) * x_mask, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(gw), (xn.reshape(-1, 64).T @ c.reshape(-1, 24)) * w_mask,
+                               rtol=1e-5, atol=1e-4)
+
+
+def test_original_residuals_need_a_native_matmul_without_lsq():
+    x, w, x_qp, w_qp, _ = _setup(qatjax.int8, qatjax.int8, True, True)
+    with pytest.raises(ValueError, match="original_residuals"):
+        quantized_dot(x, w, x_qp, w_qp, DotSpec(qatjax.int8, qatjax.int8, ste="lsq",
+                                                original_residuals=True))
+    with pytest.raises(ValueError, match="original_residuals"):
+        quantized_dot(x, w, None, w_qp, DotSpec(None, qatjax.int8, original_residuals=True))
+
+
 def test_lsq_scales_receive_gradients_through_the_native_forward():
     x, w, x_qp, w_qp, _ = _setup(qatjax.int8, qatjax.int4, True, True)
     spec = DotSpec(qatjax.int8, qatjax.int4, ste="lsq", w_grad_scale=0.5)
@@ -125,6 +167,36 @@ def test_conv_native_forward_matches_float_reference():
         dimension_numbers=dn, precision=jax.lax.Precision.HIGHEST))
     assert y.shape == ref.shape == (2, 5, 10, 8)
     assert np.abs(np.asarray(y) - ref).max() / np.abs(ref).max() <= 1e-5
+
+
+@pytest.mark.parametrize("original", [False, True])
+def test_conv_backward_is_the_ste_gradient(original):
+    """Default: the vjp of the fake-quant reference conv. Original residuals: the float conv's
+    vjp, masked by the clipped-STE masks (the static uint8 range clips negative inputs)."""
+    k = jax.random.split(jax.random.key(6), 3)
+    x = jax.random.normal(k[0], (2, 9, 9, 3))
+    w = jax.random.normal(k[1], (3, 3, 3, 8)) * 0.2
+    x_qp = qatjax.qparams_from_minmax(-0.5, 2.0, qatjax.uint8, symmetric=False)
+    w_qp = qatjax.qparams_from_amax(jnp.abs(w).max((0, 1, 2), keepdims=True) * 0.8, qatjax.int8)
+    dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+    spec = ConvSpec(qatjax.uint8, qatjax.int8, False, True, strides=(1, 2), rhs_dilation=(1, 1),
+                    dimension_numbers=dn, original_residuals=original)
+    ct = jax.random.normal(k[2], (2, 7, 4, 8))
+    gx, gw = jax.grad(lambda x, w: jnp.sum(quantized_dot(x, w, x_qp, w_qp, spec) * ct),
+                      argnums=(0, 1))(x, w)
+    x_mask = _np_mask(x, x_qp, qatjax.uint8)
+    w_mask = _np_mask(w, w_qp, qatjax.int8)
+    assert not x_mask.all() and not w_mask.all()  # both masks matter here
+    if original:
+        conv = lambda x, w: spec.conv(x, w, precision=jax.lax.Precision.HIGHEST)  # noqa: E731
+        _, vjp = jax.vjp(conv, x, w)
+        rx, rw = vjp(ct)
+        rx, rw = rx * x_mask, rw * w_mask
+    else:
+        rx, rw = jax.grad(lambda x, w: jnp.sum(reference_dot(x, w, x_qp, w_qp, spec) * ct),
+                          argnums=(0, 1))(x, w)
+    np.testing.assert_allclose(np.asarray(gx), np.asarray(rx), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(gw), np.asarray(rw), rtol=1e-5, atol=1e-4)
 
 
 def test_feature_mismatch_is_a_clear_error():

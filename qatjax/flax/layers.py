@@ -252,7 +252,8 @@ class _QuantLayer:
             x_symmetric=cfg.activation_symmetric, w_symmetric=cfg.weight_symmetric,
             ste=cfg.ste, group_size=self._group_size(),
             x_grad_scale=x_gs, w_grad_scale=w_gs,
-            x_mask=not x_own_absmax, w_mask=not w_own_absmax, **extra)
+            x_mask=not x_own_absmax, w_mask=not w_own_absmax,
+            original_residuals=cfg.original_residuals, **extra)
 
     def _observe_or_finalize(self, inputs: jax.Array, mode: str) -> None:
         """The quantization bookkeeping of the float-output modes.
