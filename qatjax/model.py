@@ -215,26 +215,53 @@ def _get(tree: Any, path: tuple[str, ...]) -> Any:
     return tree
 
 
+_LAYER_COLLECTIONS = ("params", "quant_params", "quant_stats", "fp8_meta")
 
 
-def _serving_weights(variables: Variables, path, qp_tree) -> tuple[jax.Array, QParams, DotSpec]:
-    """The layer's kernel codes (serving layout), serving-form parameters and layout spec,
-    computed exactly as train mode computes them (or read back when already converted)."""
+def _layer(variables: Variables, path: tuple[str, ...]) -> dict[str, Mapping[str, Any]]:
+    """The layer's own entries in each collection (``{}`` where it has none)."""
+    return {col: _get(variables.get(col, {}), path) or {} for col in _LAYER_COLLECTIONS}
+
+
+def _slices(layer: Mapping[str, Mapping[str, Any]]) -> Iterable[tuple[tuple[int, ...], dict]]:
+    """``(index, layer)`` for each layer of a stack made by ``nn.scan`` / ``nn.vmap`` (every
+    variable with the same leading axes as ``kernel_spec``); one ``((), layer)`` otherwise."""
+    stack = specs.stack_shape(layer["quant_params"]["kernel_spec"])
+    if not stack:
+        yield (), dict(layer)
+        return
+    for idx in np.ndindex(*stack):
+        yield idx, jax.tree_util.tree_map(lambda a, idx=idx: a[idx], dict(layer))
+
+
+def _stack(results: list, stack: tuple[int, ...]) -> Any:
+    """Per-slice pytrees (in :func:`_slices` order) -> one pytree with ``stack`` leading axes."""
+    if not stack:
+        return results[0]
+    return jax.tree_util.tree_map(
+        lambda *xs: jnp.stack(xs).reshape(stack + jnp.shape(xs[0])), *results)
+
+
+def _serving_weights(layer: Mapping[str, Mapping[str, Any]], name: str
+                     ) -> tuple[jax.Array, QParams, DotSpec]:
+    """One (unstacked) layer's kernel codes (serving layout), serving-form parameters and
+    layout spec, computed exactly as train mode computes them (or read back when already
+    converted). ``name`` (the layer's path) is for error messages."""
+    qp_tree, layer_params = layer["quant_params"], layer["params"]
     fmt, gran, group, sym = specs.parse_kernel_spec(qp_tree["kernel_spec"])
     if "kernel_codes" in qp_tree:
         codes = qp_tree["kernel_codes"]
         spec = specs.layout_spec(fmt, group, codes.ndim > 2, sym)
         return codes, QParams(qp_tree["kernel_scale"], qp_tree["kernel_zero_point"]), spec
-    layer_params = _get(variables.get("params", {}), path) or {}
     if "kernel" not in layer_params:
-        raise ValueError(f"layer {'/'.join(path)}: no params/kernel and no kernel_codes.")
+        raise ValueError(f"layer {name}: no params/kernel and no kernel_codes.")
     kernel = jnp.asarray(layer_params["kernel"])
     fp8_scaling, margin = (int(v) for v in np.asarray(qp_tree.get("fp8_spec", (0, 0))))
     delayed_scale = None
     if fp8_scaling == 2:
-        meta = _get(variables.get("fp8_meta", {}), path)
-        if meta is None or "kernel_scale" not in meta:
-            raise ValueError(f"layer {'/'.join(path)}: delayed fp8 scaling state (fp8_meta) is missing.")
+        meta = layer["fp8_meta"]
+        if "kernel_scale" not in meta:
+            raise ValueError(f"layer {name}: delayed fp8 scaling state (fp8_meta) is missing.")
         delayed_scale = jnp.asarray(meta["kernel_scale"], jnp.float32)
     learned = None
     if "kernel_scale" in layer_params:  # LSQ-learned, stored in serving form
@@ -298,36 +325,42 @@ def quant_report(variables: Variables) -> CalibrationReport:
     range (histogram observers only).
     """
     rows = []
-    for path, qp_tree in _layers(variables):
-        fmt, gran, group, sym = specs.parse_kernel_spec(qp_tree["kernel_spec"])
-        in_fmt, in_sym, static, method = specs.parse_input_spec(qp_tree["input_spec"])
-        w_scale_lo = w_scale_hi = float("nan")
-        if fmt is not None:
-            _, w_serving, _ = _serving_weights(variables, path, qp_tree)
-            s = np.asarray(w_serving.scale)
-            w_scale_lo, w_scale_hi = float(s.min()), float(s.max())
-        layer_params = _get(variables.get("params", {}), path) or {}
-        scale = qp_tree.get("input_scale", layer_params.get("input_scale"))
-        zp = qp_tree.get("input_zero_point", layer_params.get("input_zero_point"))
-        stats = _get(variables.get("quant_stats", {}), path)
-        amax = sat = nonfinite = None
-        if scale is not None and in_fmt is not None:
-            lo = (float(in_fmt.qmin) - (0 if zp is None else float(np.round(zp)))) * float(scale)
-            hi = (float(in_fmt.qmax) - (0 if zp is None else float(np.round(zp)))) * float(scale)
-            amax = max(abs(lo), abs(hi))
-            if stats is not None and "input" in stats:
-                sat, nonfinite = _saturation(stats["input"], lo, hi, signed=not in_sym)
-        rows.append(LayerReport(
-            path="/".join(path),
-            weight_format="float" if fmt is None else fmt.name,
-            weight_granularity=gran if group is None else f"{gran}({group})",
-            weight_scale_min=w_scale_lo, weight_scale_max=w_scale_hi,
-            input_format="float" if in_fmt is None else in_fmt.name,
-            method=(method if static else "dynamic") if in_fmt is not None else "-",
-            input_scale=None if scale is None else float(scale),
-            input_zero_point=None if zp is None else int(np.round(zp)),
-            input_amax=amax, saturation=sat, nonfinite_skipped=nonfinite))
+    for path, _ in _layers(variables):
+        for idx, layer in _slices(_layer(variables, path)):
+            label = "/".join(path) + (f"[{','.join(map(str, idx))}]" if idx else "")
+            rows.append(_layer_report(label, layer))
     return CalibrationReport(tuple(rows))
+
+
+def _layer_report(label: str, layer: Mapping[str, Mapping[str, Any]]) -> LayerReport:
+    """The report row of one (unstacked) layer."""
+    qp_tree, layer_params, stats = layer["quant_params"], layer["params"], layer["quant_stats"]
+    fmt, gran, group, _ = specs.parse_kernel_spec(qp_tree["kernel_spec"])
+    in_fmt, in_sym, static, method = specs.parse_input_spec(qp_tree["input_spec"])
+    w_scale_lo = w_scale_hi = float("nan")
+    if fmt is not None:
+        _, w_serving, _ = _serving_weights(layer, label)
+        s = np.asarray(w_serving.scale)
+        w_scale_lo, w_scale_hi = float(s.min()), float(s.max())
+    scale = qp_tree.get("input_scale", layer_params.get("input_scale"))
+    zp = qp_tree.get("input_zero_point", layer_params.get("input_zero_point"))
+    amax = sat = nonfinite = None
+    if scale is not None and in_fmt is not None:
+        lo = (float(in_fmt.qmin) - (0 if zp is None else float(np.round(zp)))) * float(scale)
+        hi = (float(in_fmt.qmax) - (0 if zp is None else float(np.round(zp)))) * float(scale)
+        amax = max(abs(lo), abs(hi))
+        if "input" in stats:
+            sat, nonfinite = _saturation(stats["input"], lo, hi, signed=not in_sym)
+    return LayerReport(
+        path=label,
+        weight_format="float" if fmt is None else fmt.name,
+        weight_granularity=gran if group is None else f"{gran}({group})",
+        weight_scale_min=w_scale_lo, weight_scale_max=w_scale_hi,
+        input_format="float" if in_fmt is None else in_fmt.name,
+        method=(method if static else "dynamic") if in_fmt is not None else "-",
+        input_scale=None if scale is None else float(scale),
+        input_zero_point=None if zp is None else int(np.round(zp)),
+        input_amax=amax, saturation=sat, nonfinite_skipped=nonfinite)
 
 
 def calibrate_model(model: nn.Module, variables: Variables, batches: Iterable[Any],
@@ -345,7 +378,9 @@ def convert(variables: Variables) -> dict:
     contract on their last axis; conv: the kernel's own layout), ``kernel_scale`` and
     ``kernel_zero_point`` (stored forms, see :mod:`qatjax.flax.specs`). Weight parameters
     are computed exactly as train mode computes them, so ``mode="infer"`` on the result
-    equals train mode bit for bit. ``quant_stats`` is dropped; the input is not modified.
+    equals train mode bit for bit. Layers stacked by ``nn.scan`` / ``nn.vmap`` (variables
+    with leading layer axes) are converted layer by layer and stay stacked. ``quant_stats``
+    is dropped; the input is not modified.
 
     Raises:
       ValueError: if a layer with static activation scaling was never calibrated.
@@ -361,7 +396,9 @@ def convert(variables: Variables) -> dict:
                              "run qatjax.calibrate first.")
         if fmt is None or "kernel_codes" in qp_tree:
             continue
-        codes, w_serving, _ = _serving_weights(variables, path, qp_tree)
+        label = "/".join(path)
+        slices = [_serving_weights(layer, label)[:2] for _, layer in _slices(_layer(variables, path))]
+        codes, w_serving = _stack(slices, specs.stack_shape(qp_tree["kernel_spec"]))
         target = _get(out["quant_params"], path)
         target["kernel_codes"] = codes
         target["kernel_scale"], target["kernel_zero_point"] = w_serving
@@ -379,10 +416,12 @@ def quantize_model_weights(variables: Variables, *, pack: bool = True) -> dict:
     """Export: every qatjax layer's kernel as codes and scales, other parameters as they are.
 
     Returns a pytree of arrays only (so flax.serialization and orbax can save it):
-    ``{"layers": {path: {"codes", "scale", "zero_point", "format", "shape", "packed"}},
+    ``{"layers": {path: {"codes", "scale", "zero_point", "spec", "shape", "packed"}},
     "params": <params without the quantized kernels>}``. Codes of formats of 4 bits or
     fewer are packed two per byte along the last axis when ``pack`` is True. ``shape``
-    is the kernel's shape in the Flax layout (``[K, N]`` for dense).
+    is the kernel's shape in the Flax layout (``[K, N]`` for dense), ``spec`` the layer's
+    ``kernel_spec``. Layers stacked by ``nn.scan`` / ``nn.vmap`` keep their leading axes
+    on every entry.
     """
     served = convert(variables)
     layers = {}
@@ -392,7 +431,9 @@ def quantize_model_weights(variables: Variables, *, pack: bool = True) -> dict:
         fmt, _, _, _ = specs.parse_kernel_spec(qp_tree["kernel_spec"])
         codes = qp_tree["kernel_codes"]
         do_pack = pack and not fmt.is_float and fmt.bits <= 4
-        flax_shape = codes.shape if codes.ndim > 2 else codes.shape[::-1]
+        stack = specs.stack_shape(qp_tree["kernel_spec"])
+        layout = codes.shape[len(stack):]
+        flax_shape = stack + (layout if len(layout) > 2 else layout[::-1])
         layers["/".join(path)] = {
             "codes": pack_nibbles(codes) if do_pack else codes,
             "scale": qp_tree["kernel_scale"],
@@ -413,16 +454,21 @@ def dequantize_weights(exported: Mapping[str, Any]) -> dict:
     params = jax.tree_util.tree_map(lambda a: a, flax.core.unfreeze(dict(exported["params"])))
     for key, entry in exported["layers"].items():
         fmt, _, group, _ = specs.parse_kernel_spec(entry["spec"])
-        shape = tuple(int(v) for v in np.asarray(entry["shape"]))
+        stack = specs.stack_shape(entry["spec"])
+        shape = tuple(int(v) for v in np.asarray(entry["shape"]))[len(stack):]
         conv = len(shape) > 2
         layout_shape = shape if conv else shape[::-1]
-        codes = entry["codes"]
-        if bool(entry["packed"]):
-            codes = unpack_nibbles(codes, layout_shape[-1], fmt.signed)
-        w = dequantize_codes(codes, QParams(entry["scale"], entry["zero_point"]),
-                             specs.layout_spec(fmt, group, conv))
+        spec = specs.layout_spec(fmt, group, conv)
+        kernels = []
+        for idx in np.ndindex(*stack):
+            codes = entry["codes"][idx]
+            if bool(np.asarray(entry["packed"])):
+                codes = unpack_nibbles(codes, layout_shape[-1], fmt.signed)
+            w = dequantize_codes(codes, QParams(entry["scale"][idx], entry["zero_point"][idx]), spec)
+            kernels.append(w if conv else w.T)
+        w = _stack(kernels, stack)
         node = params
         for k in (key.split("/") if key else ()):
             node = node.setdefault(k, {})
-        node["kernel"] = w if conv else w.T
+        node["kernel"] = w
     return params

@@ -170,6 +170,78 @@ def test_per_group_affine_export_round_trip():
     np.testing.assert_array_equal(np.asarray(imported["kernel"]), np.asarray(ref))
 
 
+class _ScanBody(nn.Module):
+    config: QatConfig
+
+    @nn.compact
+    def __call__(self, x, _):
+        return nn.relu(QatDense(12, config=self.config)(x)), None
+
+
+class ScannedNet(nn.Module):
+    """Three QatDense layers stacked by nn.scan: every variable gets a leading axis of 3."""
+
+    config: QatConfig
+
+    @nn.compact
+    def __call__(self, x):
+        scan = nn.scan(_ScanBody, variable_axes={"params": 0, "quant_stats": 0, "quant_params": 0},
+                       split_rngs={"params": True}, length=3)
+        return scan(self.config, name="blocks")(x, None)[0]
+
+
+@pytest.mark.parametrize("cfg", [
+    QatConfig(activation_observer="minmax", activation_estimator="minmax"),
+    QatConfig(weight_format="int4", weight_granularity="per_group", weight_group_size=4,
+              weight_symmetric=False, activation_observer="histogram", activation_estimator="mse"),
+], ids=["int8", "int4-group-affine"])
+def test_layers_stacked_by_nn_scan_calibrate_convert_report_and_export(cfg):
+    model = ScannedNet(cfg)
+    batches = [jax.random.normal(jax.random.key(i), (8, 12)) for i in range(3)]
+    v = qatjax.calibrate(model, model.init(jax.random.key(1), batches[0]), batches)
+    layer_qp = v["quant_params"]["blocks"]["QatDense_0"]
+    assert layer_qp["input_scale"].shape == (3,)
+    x = batches[1]
+    with qatjax.flax.quant_mode("train"):
+        y_train = model.apply(v, x)
+    served = qatjax.convert(v)
+    codes = served["quant_params"]["blocks"]["QatDense_0"]["kernel_codes"]
+    assert codes.shape == (3, 12, 12) and "kernel" not in served["params"]["blocks"]["QatDense_0"]
+    with qatjax.flax.quant_mode("infer"):
+        np.testing.assert_array_equal(np.asarray(model.apply(served, x)), np.asarray(y_train))
+    # Each stacked layer converts exactly as the same layer on its own would.
+    kernels = v["params"]["blocks"]["QatDense_0"]["kernel"]
+    for i in range(3):
+        single = QatDense(12, config=cfg.replace(activation_scaling="dynamic"))
+        own = qatjax.convert({"params": {"kernel": kernels[i], "bias": jnp.zeros(12)},
+                              "quant_params": single.init(jax.random.key(0), x)["quant_params"]})
+        np.testing.assert_array_equal(np.asarray(codes[i]), np.asarray(own["quant_params"]["kernel_codes"]))
+    report = qatjax.quant_report(v)
+    assert [r.path for r in report.layers] == [f"blocks/QatDense_0[{i}]" for i in range(3)]
+    np.testing.assert_array_equal([r.input_scale for r in report.layers], np.asarray(layer_qp["input_scale"]))
+    imported = qatjax.dequantize_weights(qatjax.quantize_model_weights(v))
+    w_hat = imported["blocks"]["QatDense_0"]["kernel"]
+    assert w_hat.shape == kernels.shape
+    for i in range(3):
+        w = kernels[i]
+        if cfg.weight_granularity == "per_group":
+            g = qatjax.split_groups(w, 0, 4)
+            qp = qatjax.qparams_from_minmax(g.min(1, keepdims=True), g.max(1, keepdims=True),
+                                            cfg.weight_format, symmetric=False)
+            ref = qatjax.merge_groups(qatjax.fake_quant(g, qp, cfg.weight_format), 0)
+        else:
+            qp = qatjax.qparams_from_amax(jnp.max(jnp.abs(w), axis=0, keepdims=True), cfg.weight_format)
+            ref = qatjax.fake_quant(w, qp, cfg.weight_format)
+        np.testing.assert_array_equal(np.asarray(w_hat[i]), np.asarray(ref))
+
+
+def test_stacked_layers_with_different_recipes_are_refused():
+    spec = jnp.stack([qatjax.flax.specs.describe(QatConfig())["kernel_spec"],
+                      qatjax.flax.specs.describe(QatConfig(weight_format="int4"))["kernel_spec"]])
+    with pytest.raises(ValueError, match="kernel_spec"):
+        qatjax.flax.specs.parse_kernel_spec(spec)
+
+
 def _assert_trees_equal(a, b):
     la, ta = jax.tree_util.tree_flatten(a)
     lb, tb = jax.tree_util.tree_flatten(b)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from qatjax.config import ESTIMATORS, GRANULARITIES, QatConfig
 from qatjax.formats import Format, format_code, format_from_code
@@ -25,6 +26,7 @@ __all__ = [
     "describe",
     "parse_kernel_spec",
     "parse_input_spec",
+    "stack_shape",
     "weight_qparams",
     "weight_qparams_for",
     "layout_spec",
@@ -48,15 +50,31 @@ def describe(cfg: QatConfig) -> dict[str, jax.Array]:
     }
 
 
+def stack_shape(spec) -> tuple[int, ...]:
+    """Leading axes of a descriptor: ``()`` for a single layer, ``(L,)`` for ``L`` layers
+    stacked by ``nn.scan`` / ``nn.vmap`` (which stack every variable of the layer)."""
+    return tuple(np.shape(spec)[:-1])
+
+
+def _row(spec, name: str) -> list[int]:
+    """The descriptor's values; stacked layers must all describe the same recipe."""
+    rows = np.asarray(jax.device_get(spec)).reshape(-1, np.shape(spec)[-1])
+    if not (rows == rows[0]).all():
+        raise ValueError(f"`{name}`: stacked layers describe different recipes ({rows.tolist()}).")
+    return [int(v) for v in rows[0]]
+
+
 def parse_kernel_spec(spec) -> tuple[Format | None, str, int | None, bool]:
-    """Inverse of the ``kernel_spec`` descriptor: ``(format, granularity, group_size, symmetric)``."""
-    code, gran, group, sym = (int(v) for v in jax.device_get(spec))
+    """Inverse of the ``kernel_spec`` descriptor: ``(format, granularity, group_size, symmetric)``.
+    Accepts stacked descriptors ``[..., 4]`` of identical rows."""
+    code, gran, group, sym = _row(spec, "kernel_spec")
     return format_from_code(code), GRANULARITIES[gran], (group or None), bool(sym)
 
 
 def parse_input_spec(spec) -> tuple[Format | None, bool, bool, str]:
-    """Inverse of ``input_spec``: ``(format, symmetric, static, estimator name)``."""
-    code, sym, static, est = (int(v) for v in jax.device_get(spec))
+    """Inverse of ``input_spec``: ``(format, symmetric, static, estimator name)``; stacked
+    descriptors as for :func:`parse_kernel_spec`."""
+    code, sym, static, est = _row(spec, "input_spec")
     return format_from_code(code), bool(sym), bool(static), ESTIMATORS[est]
 
 
