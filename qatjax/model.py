@@ -219,8 +219,34 @@ _LAYER_COLLECTIONS = ("params", "quant_params", "quant_stats", "fp8_meta")
 
 
 def _layer(variables: Variables, path: tuple[str, ...]) -> dict[str, Mapping[str, Any]]:
-    """The layer's own entries in each collection (``{}`` where it has none)."""
-    return {col: _get(variables.get(col, {}), path) or {} for col in _LAYER_COLLECTIONS}
+    """The layer's own entries in each collection (``{}`` where it has none), with
+    partitioning metadata boxes (``nn.with_partitioning``) unboxed."""
+    return {col: nn.meta.unbox(_get(variables.get(col, {}), path) or {}) for col in _LAYER_COLLECTIONS}
+
+
+def _partitioned_like(kernel: Any, codes: jax.Array, serving: QParams, stack_ndim: int
+                      ) -> tuple[Any, QParams]:
+    """Carries a partitioned kernel's sharding names over to its codes and scales.
+
+    Dense codes are ``[..., N, K]`` (the kernel's last two names swapped), conv codes keep
+    the kernel's layout; per-channel scales take the output axis's name, per-group ones
+    ``(out, None)``. Unpartitioned kernels and per-tensor scales stay plain arrays.
+    """
+    if not isinstance(kernel, nn.Partitioned):
+        return codes, serving
+    names = tuple(kernel.names)
+    lead, out_name = names[:stack_ndim], names[-1]
+    conv = codes.ndim - stack_ndim > 2
+    codes_names = names if conv else lead + (names[-1], names[-2])
+
+    def box(a, a_names):
+        return dataclasses.replace(kernel, value=a, names=a_names)
+
+    def box_param(a):
+        extra = jnp.ndim(a) - stack_ndim
+        return a if extra == 0 else box(a, lead + (out_name,) + (None,) * (extra - 1))
+
+    return box(codes, codes_names), QParams(*(box_param(a) for a in serving))
 
 
 def _slices(layer: Mapping[str, Mapping[str, Any]]) -> Iterable[tuple[tuple[int, ...], dict]]:
@@ -398,7 +424,9 @@ def convert(variables: Variables) -> dict:
             continue
         label = "/".join(path)
         slices = [_serving_weights(layer, label)[:2] for _, layer in _slices(_layer(variables, path))]
-        codes, w_serving = _stack(slices, specs.stack_shape(qp_tree["kernel_spec"]))
+        stack = specs.stack_shape(qp_tree["kernel_spec"])
+        codes, w_serving = _partitioned_like(layer_params.get("kernel"), *_stack(slices, stack),
+                                             len(stack))
         target = _get(out["quant_params"], path)
         target["kernel_codes"] = codes
         target["kernel_scale"], target["kernel_zero_point"] = w_serving
@@ -423,7 +451,7 @@ def quantize_model_weights(variables: Variables, *, pack: bool = True) -> dict:
     ``kernel_spec``. Layers stacked by ``nn.scan`` / ``nn.vmap`` keep their leading axes
     on every entry.
     """
-    served = convert(variables)
+    served = nn.meta.unbox(convert(variables))
     layers = {}
     for path, qp_tree in _layers(served):
         if "kernel_codes" not in qp_tree:

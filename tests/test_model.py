@@ -242,6 +242,31 @@ def test_stacked_layers_with_different_recipes_are_refused():
         qatjax.flax.specs.parse_kernel_spec(spec)
 
 
+def test_partitioned_kernels_keep_their_sharding_names_through_convert():
+    """``nn.with_partitioning`` boxes: the tools read through them, and the served codes and
+    scales carry the kernel's names (dense codes are [out, in], so the names swap)."""
+    from jax.sharding import PartitionSpec as P
+
+    cfg = QatConfig(activation_observer="minmax", activation_estimator="minmax")
+    init = nn.with_partitioning(nn.initializers.lecun_normal(), ("embed", "mlp"))
+    model = QatDense(8, config=cfg, kernel_init=init)
+    x = jax.random.normal(jax.random.key(0), (4, 16))
+    v = qatjax.calibrate(model, model.init(jax.random.key(1), x), [x])
+    assert isinstance(v["params"]["kernel"], nn.Partitioned)
+    served = qatjax.convert(v)
+    specs = nn.get_partition_spec(served)["quant_params"]
+    assert specs["kernel_codes"] == P("mlp", "embed") and specs["kernel_scale"] == P("mlp")
+    with qatjax.flax.quant_mode("train"):
+        y_train = model.apply(v, x)
+    with qatjax.flax.quant_mode("infer"):
+        np.testing.assert_array_equal(np.asarray(model.apply(served, x)), np.asarray(y_train))
+    assert len(qatjax.quant_report(v).layers) == 1
+    imported = qatjax.dequantize_weights(qatjax.quantize_model_weights(v))
+    w = v["params"]["kernel"].value
+    qp = qatjax.qparams_from_amax(jnp.max(jnp.abs(w), axis=0, keepdims=True), qatjax.int8)
+    np.testing.assert_array_equal(np.asarray(imported["kernel"]), np.asarray(qatjax.fake_quant(w, qp, qatjax.int8)))
+
+
 def _assert_trees_equal(a, b):
     la, ta = jax.tree_util.tree_flatten(a)
     lb, tb = jax.tree_util.tree_flatten(b)

@@ -99,6 +99,10 @@ class _QuantLayer:
     mode: str | None
     axis_name: str | None
 
+    def _read(self, col: str, name: str) -> Any:
+        """A variable's value, unboxed from partitioning metadata (``nn.with_partitioning``)."""
+        return nn.meta.unbox(self.get_variable(col, name))
+
     # ------------------------------------------------------------------ mode
     def _resolve_mode(self, mode: str | None) -> str:
         forced = _forced_mode.get()
@@ -170,14 +174,14 @@ class _QuantLayer:
                 amax = jax.lax.pmax(amax, self.axis_name)
             return qparams_from_amax(amax, fmt)
         if cfg.learnable_scales and mode == "train" and self.has_variable("params", "input_scale"):
-            scale = self.get_variable("params", "input_scale")
-            zp = (self.get_variable("params", "input_zero_point")
+            scale = self._read("params", "input_scale")
+            zp = (self._read("params", "input_zero_point")
                   if self.has_variable("params", "input_zero_point") else jnp.zeros((), jnp.float32))
             return QParams(scale, zp)
         for col in ("params", "quant_params"):
             if self.has_variable(col, "input_scale"):
-                scale = self.get_variable(col, "input_scale")
-                zp = (self.get_variable(col, "input_zero_point")
+                scale = self._read(col, "input_scale")
+                zp = (self._read(col, "input_zero_point")
                       if self.has_variable(col, "input_zero_point") else jnp.zeros((), jnp.int32))
                 return QParams(scale, zp)
         raise ValueError(
@@ -190,7 +194,7 @@ class _QuantLayer:
     def _finalize_input(self) -> None:
         """Turns the observer state into activation QParams (quant_params, or params for LSQ)."""
         cfg = self.config
-        state = self.get_variable("quant_stats", "input")
+        state = self._read("quant_stats", "input")
         kwargs = {"p": cfg.percentile} if cfg.activation_estimator == "percentile" else {}
         qp = calibration.estimate(state, cfg.activation_format, cfg.activation_estimator,
                                   symmetric=cfg.activation_symmetric, **kwargs)
@@ -206,8 +210,8 @@ class _QuantLayer:
         in serving form in ``params``), else min/max of the current kernel."""
         cfg = self.config
         if cfg.learnable_scales and self.has_variable("params", "kernel_scale"):
-            scale = self.get_variable("params", "kernel_scale")
-            zp = (self.get_variable("params", "kernel_zero_point")
+            scale = self._read("params", "kernel_scale")
+            zp = (self._read("params", "kernel_zero_point")
                   if self.has_variable("params", "kernel_zero_point") else jnp.zeros_like(scale))
             return QParams(*(from_serving(a, spec, kernel.ndim) for a in (scale, zp)))
         return specs.weight_qparams(jax.lax.stop_gradient(kernel), cfg)
@@ -300,8 +304,8 @@ class _QuantLayer:
         else:
             x_scale = fp8_lib.scale_from_amax(x_amax, x_fmt, cfg.fp8_margin, one)
         if self.has_variable("quant_params", "kernel_codes"):
-            qw = self.get_variable("quant_params", "kernel_codes")
-            w_scale = self.get_variable("quant_params", "kernel_scale")
+            qw = self._read("quant_params", "kernel_codes")
+            w_scale = self._read("quant_params", "kernel_scale")
             return fp8_lib.dot_from_codes(fp8_lib.cast(x, x_scale, x_fmt), qw, x_scale, w_scale)
         w_amax = fp8_lib.amax(jax.lax.stop_gradient(kernel))
         w_scale = (meta_w.value.scale if delayed
@@ -337,8 +341,8 @@ class _QuantLayer:
         if spec.w_format is None:
             return reference_dot(x, kernel, x_qp, None, spec)
         if self.has_variable("quant_params", "kernel_codes"):
-            qw = self.get_variable("quant_params", "kernel_codes")
-            w_serving = QParams(*(self.get_variable("quant_params", n)
+            qw = self._read("quant_params", "kernel_codes")
+            w_serving = QParams(*(self._read("quant_params", n)
                                   for n in ("kernel_scale", "kernel_zero_point")))
         else:
             w_qp = self._weight_qparams(kernel, spec)
@@ -379,10 +383,10 @@ class QatDense(_QuantLayer, nn.Dense):
             if mode == "init":
                 self._init_quant_state(inputs)
             if mode == _FINALIZE:
-                self._learnable_kernel_scale(self.get_variable("params", "kernel"), reset=True)
+                self._learnable_kernel_scale(self._read("params", "kernel"), reset=True)
             return y
         if converted:
-            k_in = self.get_variable("quant_params", "kernel_codes").shape[-1]
+            k_in = self._read("quant_params", "kernel_codes").shape[-1]
             kernel = None
         else:
             kernel = self.param("kernel", self.kernel_init, (jnp.shape(inputs)[-1], self.features),
@@ -408,7 +412,7 @@ class QatDense(_QuantLayer, nn.Dense):
         if self.config.fp8_scaling == "delayed":
             self._fp8_meta()
         if self.config.learnable_scales and self.config.weight_format is not None:
-            self._learnable_kernel_scale(self.get_variable("params", "kernel"), reset=False)
+            self._learnable_kernel_scale(self._read("params", "kernel"), reset=False)
 
 
 class QatConv(_QuantLayer, nn.Conv):
@@ -460,7 +464,7 @@ class QatConv(_QuantLayer, nn.Conv):
         kernel_shape = kernel_size + (c_in // self.feature_group_count, self.features)
         if converted:
             kernel = None
-            expected = self.get_variable("quant_params", "kernel_codes").shape
+            expected = self._read("quant_params", "kernel_codes").shape
         else:
             kernel = self.param("kernel", self.kernel_init, kernel_shape, self.param_dtype)
             expected = kernel.shape
