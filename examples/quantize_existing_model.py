@@ -4,12 +4,12 @@
 
 The recipe for any Flax model:
 
-1. Copy the module, replacing ``nn.Conv`` with ``qatjax.flax.QatConv`` and ``nn.Dense``
-   with ``qatjax.flax.QatDense``, keeping the layer names (``name=`` or attribute
-   names). They are drop-ins: same arguments, same ``kernel`` / ``bias`` parameters,
-   so the float checkpoint loads unchanged, and ``mode="float"`` is bit for bit the
-   original model.
-2. ``qatjax.calibrate`` the copy on a few hundred training inputs: each layer's
+1. ``qatjax.flax.quantize_model(model, config)``: the same model, whose ``nn.Conv`` /
+   ``nn.Dense`` calls run as ``qatjax.flax.QatConv`` / ``QatDense`` (no code edited).
+   Parameter names and paths do not change, so the float checkpoint loads unchanged,
+   and ``quant_mode("float")`` is bit for bit the original model. (Writing the model
+   with QatConv / QatDense, same names, is the same thing by hand.)
+2. ``qatjax.calibrate`` it on a few hundred training inputs: each layer's
    histogram observer sees its input and an estimator picks the int8 scale.
 3. ``qatjax.convert`` the variables for serving (int8 kernel codes + scales) and run
    ``mode="infer"``: int8 x int8 -> int32 convolutions and matmuls.
@@ -22,6 +22,7 @@ Here the "existing model" is a small CNN trained on scikit-learn's 8x8 digits.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 
 import flax.linen as nn
@@ -32,7 +33,7 @@ import optax
 
 import qatjax
 from qatjax import QatConfig, digits
-from qatjax.flax import QatConv, QatDense
+from qatjax.flax import quant_mode, quantize_model
 
 
 # ----------------------------------------------------------------------------- the float model
@@ -46,22 +47,6 @@ class CNN(nn.Module):
         x = x.reshape(x.shape[0], -1)
         x = nn.relu(nn.Dense(64, name="fc")(x))
         return nn.Dense(10, name="head")(x)
-
-
-# ----------------------------------------------------------------------------- its quantized twin
-class QuantCNN(nn.Module):
-    """The same network with qatjax layers: same names, plus ``config`` and ``mode``."""
-
-    config: QatConfig
-
-    @nn.compact
-    def __call__(self, x, mode=None):
-        cfg = self.config
-        x = nn.relu(QatConv(16, (3, 3), config=cfg, name="conv1")(x, mode=mode))
-        x = nn.relu(QatConv(32, (3, 3), strides=2, config=cfg, name="conv2")(x, mode=mode))
-        x = x.reshape(x.shape[0], -1)
-        x = nn.relu(QatDense(64, config=cfg, name="fc")(x, mode=mode))
-        return QatDense(10, config=cfg, name="head")(x, mode=mode)
 
 
 def train_cnn(data: digits.Data, epochs: int, seed: int = 0) -> dict:
@@ -96,17 +81,22 @@ def run(epochs: int = 15, calib_samples: int = 512, estimator: str = "mse") -> d
     params = train_cnn(data, epochs)                      # the existing checkpoint
     float_logits = jax.jit(CNN().apply)({"params": params}, x_test)
 
-    # 1. Swap in qatjax layers; the float params load unchanged.
+    # 1. Run the same model with qatjax layers; the float params load unchanged.
     # Every layer input is >= 0 (pixels, then ReLU outputs): affine uint8 activations use
     # all 256 codes on [0, max]; weights are symmetric int8, one scale per output channel.
     config = QatConfig(weight_format="int8", weight_granularity="per_channel",
                        activation_format="uint8", activation_symmetric=False,
                        activation_observer="histogram", activation_estimator=estimator)
-    qmodel = QuantCNN(config)
-    apply = jax.jit(qmodel.apply, static_argnames="mode")
+    qmodel = quantize_model(CNN(), config)
+
+    @functools.partial(jax.jit, static_argnames="mode")
+    def apply(variables, x, mode):
+        with quant_mode(mode):
+            return qmodel.apply(variables, x)
+
     same = apply({"params": params}, x_test, mode="float")
     float_diff = float(jnp.max(jnp.abs(same - float_logits)))
-    print(f"QuantCNN(mode='float') vs CNN: max |diff| = {float_diff} (identical)")
+    print(f"quantize_model(CNN()) in float mode vs CNN: max |diff| = {float_diff} (identical)")
     assert float_diff == 0.0
 
     # 2. Calibrate on training images.

@@ -1,0 +1,140 @@
+"""quantize_model: an unmodified Flax model's Dense / Conv layers run as qatjax layers."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import qatjax
+from qatjax.config import QatConfig
+from qatjax.flax import QatConv, QatDense, quant_mode, quantize_model
+
+CFG = QatConfig(activation_observer="minmax", activation_estimator="minmax")
+
+
+class CNN(nn.Module):
+    """A plain Flax model, as it exists in a user's code base."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(8, (3, 3), name="conv")(x))
+        x = x.reshape(x.shape[0], -1)
+        x = nn.relu(nn.Dense(32, name="fc1")(x))
+        return nn.Dense(10, name="head")(x)
+
+
+class QatCNN(nn.Module):
+    """The same model written by hand with qatjax layers (the reference)."""
+
+    config: QatConfig
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(QatConv(8, (3, 3), config=self.config, name="conv")(x))
+        x = x.reshape(x.shape[0], -1)
+        x = nn.relu(QatDense(32, config=self.config, name="fc1")(x))
+        return nn.Dense(10, name="head")(x)
+
+
+class SetupMLP(nn.Module):
+    def setup(self):
+        self.layers = [nn.Dense(16), nn.Dense(4)]
+
+    def __call__(self, x):
+        return self.layers[1](nn.relu(self.layers[0](x)))
+
+
+def _x(seed=0, shape=(4, 6, 6, 2)):
+    return jax.random.normal(jax.random.key(seed), shape)
+
+
+def test_float_mode_is_the_original_model_and_it_is_left_untouched():
+    model = CNN()
+    x = _x()
+    float_vars = model.init(jax.random.key(1), x)
+    qmodel = quantize_model(model, CFG)
+    v = qmodel.init(jax.random.key(1), x)
+    assert set(v) == {"params", "quant_stats", "quant_params"}
+    jax.tree_util.tree_map(np.testing.assert_array_equal, v["params"], float_vars["params"])
+    with quant_mode("float"):
+        np.testing.assert_array_equal(np.asarray(qmodel.apply(v, x)),
+                                      np.asarray(model.apply(float_vars, x)))
+    assert type(model) is CNN and set(model.init(jax.random.key(1), x)) == {"params"}
+    assert type(qmodel).__name__ == "CNN" and isinstance(qmodel, CNN)
+
+
+def test_calibrate_train_convert_equal_the_hand_written_qatjax_model():
+    model, x, batches = CNN(), _x(), [_x(i) for i in range(3)]
+    float_params = model.init(jax.random.key(1), x)["params"]
+    qmodel = quantize_model(model, CFG, rules=[("head", None)])
+    v = qatjax.calibrate(qmodel, {"params": float_params}, batches)
+    ref_model = QatCNN(CFG)
+    ref = qatjax.calibrate(ref_model, {"params": float_params}, batches)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, v["quant_params"], ref["quant_params"])
+    assert [r.path for r in qatjax.quant_report(v).layers] == ["conv", "fc1"]  # head kept float
+    with quant_mode("train"):
+        y = qmodel.apply(v, x)
+        np.testing.assert_array_equal(np.asarray(y), np.asarray(ref_model.apply(ref, x)))
+        grads = jax.grad(lambda p: jnp.sum(qmodel.apply({**v, "params": p}, x) ** 2))(v["params"])
+    assert all(float(jnp.abs(grads[n]["kernel"]).sum()) > 0 for n in ("conv", "fc1", "head"))
+    served = qatjax.convert(v)
+    assert served["quant_params"]["fc1"]["kernel_codes"].shape == (32, 288)
+    with quant_mode("infer"):
+        np.testing.assert_array_equal(np.asarray(qmodel.apply(served, x)), np.asarray(y))
+
+
+def test_rules_choose_a_recipe_per_layer_and_mode_can_be_fixed():
+    model, x = SetupMLP(), _x(shape=(5, 8))
+    int4 = QatConfig(weight_format="int4", activation_format=None)
+    qmodel = quantize_model(model, QatConfig(activation_scaling="dynamic"),
+                            rules=[(r"layers_1", int4)], mode="train")
+    v = qmodel.init(jax.random.key(0), x)
+    fmt = {r.path: r.weight_format for r in qatjax.quant_report(v).layers}
+    assert fmt == {"layers_0": "int8", "layers_1": "int4"}
+    y = qmodel.apply(v, x)  # mode="train" without a quant_mode context
+    w1 = v["params"]["layers_1"]["kernel"]
+    qp = qatjax.qparams_from_amax(jnp.max(jnp.abs(w1), axis=0, keepdims=True), qatjax.int4)
+    h = QatDense(16, config=QatConfig(activation_scaling="dynamic"), mode="train").apply(
+        {"params": v["params"]["layers_0"], "quant_params": v["quant_params"]["layers_0"]}, x)
+    ref = nn.relu(h) @ qatjax.fake_quant(w1, qp, qatjax.int4) + v["params"]["layers_1"]["bias"]
+    np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=1e-5, atol=1e-6)
+
+
+def test_layers_inside_nn_scan_are_quantized_and_stay_stacked():
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, x, _):
+            return nn.relu(nn.Dense(8)(x)), None
+
+    class Deep(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            scan = nn.scan(Block, variable_axes={"params": 0, "quant_stats": 0, "quant_params": 0},
+                           split_rngs={"params": True}, length=4)
+            return scan(name="blocks")(x, None)[0]
+
+    x = _x(shape=(6, 8))
+    qmodel = quantize_model(Deep(), CFG)
+    v = qatjax.calibrate(qmodel, qmodel.init(jax.random.key(0), x), [x])
+    assert v["quant_params"]["blocks"]["Dense_0"]["input_scale"].shape == (4,)
+    with quant_mode("train"):
+        y = qmodel.apply(v, x)
+    with quant_mode("infer"):
+        np.testing.assert_array_equal(np.asarray(qmodel.apply(qatjax.convert(v), x)), np.asarray(y))
+
+
+def test_bad_arguments_and_custom_matmuls_are_clear_errors():
+    class Custom(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(4, dot_general=jax.lax.dot_general, name="special")(x)
+
+    x = _x(shape=(2, 8))
+    with pytest.raises(ValueError, match="'special'.*dot_general"):
+        quantize_model(Custom(), CFG).init(jax.random.key(0), x)
+    quantize_model(Custom(), CFG, rules=[("special", None)]).init(jax.random.key(0), x)  # kept float
+    with pytest.raises(TypeError, match="config"):
+        quantize_model(Custom(), {"weight_format": "int8"})
+    with pytest.raises(TypeError, match="rule 'special'"):
+        quantize_model(Custom(), CFG, rules=[("special", "int8")])
