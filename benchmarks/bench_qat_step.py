@@ -15,6 +15,8 @@ for each variant on the same data in the same run:
   float backward; no stochastic rounding since the backward is not quantized);
 * ``qwix int8``: ``qwix.quantize_model`` with
   ``QtProvider([QtRule(module_path='.*', weight_qtype='int8', act_qtype='int8')])``;
+* ``qatjax int8 per-token``: ``qatjax int8 dynamic`` with one activation scale per token
+  (``activation_granularity="per_token"``), the activation granularity of AQT and Qwix;
 * ``qatjax int8 orig-res``: ``qatjax int8 dynamic`` with ``original_residuals=True``,
   Qwix's estimator (the backward multiplies by the float x and kernel; Qwix's default
   when only the forward is quantized), for a like-for-like comparison with Qwix.
@@ -127,6 +129,15 @@ def make_qatjax_dynamic(dim, dtype, x, calib):
                    note="per-channel w, per-tensor absmax x each batch")
 
 
+def make_qatjax_per_token(dim, dtype, x, calib):
+    cfg = QatConfig(weight_format="int8", activation_format="int8", activation_scaling="dynamic",
+                    activation_granularity="per_token")
+    dense = functools.partial(QatDense, config=cfg, dtype=dtype, param_dtype=jnp.float32)
+    model = MLPStack(dim, dense, (("mode", "train"),))
+    return Variant("qatjax int8 per-token", model, *_init(model, x),
+                   note="as dynamic, one activation scale per token (as AQT and Qwix)")
+
+
 def make_qatjax_original_residuals(dim, dtype, x, calib):
     cfg = QatConfig(weight_format="int8", activation_format="int8", activation_scaling="dynamic",
                     original_residuals=True)
@@ -182,6 +193,7 @@ VARIANTS: dict[str, Callable] = {
     "aqt": make_aqt,
     "qwix": make_qwix,
     "qatjax-orig": make_qatjax_original_residuals,
+    "qatjax-token": make_qatjax_per_token,
 }
 MISSING_HINT = {
     "aqt": "aqt int8: skipped, aqtp is not installed (pip install -e '.[bench]')",

@@ -23,6 +23,7 @@ GRANULARITIES = ("per_tensor", "per_channel", "per_group")
 OBSERVERS = ("minmax", "moving_average_minmax", "histogram")
 ESTIMATORS = ("minmax", "percentile", "entropy", "mse")
 ACTIVATION_SCALINGS = ("static", "dynamic")
+ACTIVATION_GRANULARITIES = ("per_tensor", "per_token")
 FP8_SCALINGS = ("current", "delayed")
 AMAX_ALGOS = ("max", "most_recent")
 
@@ -42,8 +43,11 @@ class QatConfig:
       weight_symmetric: symmetric (zero point 0) or affine weights.
       activation_symmetric: symmetric or affine activations (affine suits ``uint8``).
       activation_scaling: ``"static"`` (scales from calibration, frozen in
-        ``quant_params`` or learned with LSQ) or ``"dynamic"`` (per-tensor absmax of
-        each batch, no calibration needed).
+        ``quant_params`` or learned with LSQ) or ``"dynamic"`` (from each batch: absmax,
+        or min / max when ``activation_symmetric`` is False; no calibration needed).
+      activation_granularity: ``"per_tensor"`` or, with dynamic scaling, ``"per_token"``
+        (one scale per row of the input, ``[..., 1]``, as AQT and Qwix quantize
+        activations; QatDense only).
       activation_observer: ``"minmax"``, ``"moving_average_minmax"`` or ``"histogram"``.
       activation_estimator: ``"minmax"``, ``"percentile"``, ``"entropy"`` or ``"mse"``
         (the last three need the histogram observer).
@@ -80,6 +84,7 @@ class QatConfig:
     weight_symmetric: bool = True
     activation_symmetric: bool = True
     activation_scaling: str = "static"
+    activation_granularity: str = "per_tensor"
     activation_observer: str = "histogram"
     activation_estimator: str = "entropy"
     percentile: float = 99.99
@@ -102,6 +107,11 @@ class QatConfig:
                 object.__setattr__(self, name, as_format(value, name))
         _check_choice("weight_granularity", self.weight_granularity, GRANULARITIES)
         _check_choice("activation_scaling", self.activation_scaling, ACTIVATION_SCALINGS)
+        _check_choice("activation_granularity", self.activation_granularity, ACTIVATION_GRANULARITIES)
+        if self.activation_granularity == "per_token" and (
+                self.activation_scaling != "dynamic" or self.fp8_scaling is not None):
+            raise ValueError("QatConfig: activation_granularity='per_token' needs "
+                             "activation_scaling='dynamic' (and no fp8_scaling).")
         _check_choice("activation_observer", self.activation_observer, OBSERVERS)
         _check_choice("activation_estimator", self.activation_estimator, ESTIMATORS)
         _check_choice("ste", self.ste, STE_NAMES)

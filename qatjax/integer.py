@@ -97,7 +97,8 @@ def int_matmul(
       rhs: int8 codes ``[N, K]`` (``[N, G, g]`` when ``grouped``), or ``[K, N]`` when
         ``rhs_kn`` (not grouped). Integer accumulation is exact, so both layouts give the
         same result.
-      lhs_zero_point: int32 scalar (per-tensor activations), or None when statically 0.
+      lhs_zero_point: int32 scalar (per-tensor activations) or ``[..., 1]`` (per row), or
+        None when statically 0.
       rhs_zero_point: int32, shape ``()`` or ``[N]`` (``[N, G]`` when grouped), or None when
         statically 0. With both None no row or column sums are computed.
       grouped: contract each of the ``G`` groups separately (per-group weights).

@@ -362,7 +362,7 @@ def _layer_report(label: str, layer: Mapping[str, Mapping[str, Any]]) -> LayerRe
     """The report row of one (unstacked) layer."""
     qp_tree, layer_params, stats = layer["quant_params"], layer["params"], layer["quant_stats"]
     fmt, gran, group, _ = specs.parse_kernel_spec(qp_tree["kernel_spec"])
-    in_fmt, in_sym, static, method = specs.parse_input_spec(qp_tree["input_spec"])
+    in_fmt, in_sym, scaling, method = specs.parse_input_spec(qp_tree["input_spec"])
     w_scale_lo = w_scale_hi = float("nan")
     if fmt is not None:
         _, w_serving, _ = _serving_weights(layer, label)
@@ -383,7 +383,7 @@ def _layer_report(label: str, layer: Mapping[str, Mapping[str, Any]]) -> LayerRe
         weight_granularity=gran if group is None else f"{gran}({group})",
         weight_scale_min=w_scale_lo, weight_scale_max=w_scale_hi,
         input_format="float" if in_fmt is None else in_fmt.name,
-        method=(method if static else "dynamic") if in_fmt is not None else "-",
+        method=(method if scaling == "static" else scaling) if in_fmt is not None else "-",
         input_scale=None if scale is None else float(scale),
         input_zero_point=None if zp is None else int(np.round(zp)),
         input_amax=amax, saturation=sat, nonfinite_skipped=nonfinite)
@@ -415,9 +415,9 @@ def convert(variables: Variables) -> dict:
     out.pop("quant_stats", None)
     for path, qp_tree in list(_layers(variables)):
         fmt, _, _, _ = specs.parse_kernel_spec(qp_tree["kernel_spec"])
-        in_fmt, _, static, _ = specs.parse_input_spec(qp_tree["input_spec"])
+        in_fmt, _, scaling, _ = specs.parse_input_spec(qp_tree["input_spec"])
         layer_params = _get(out.get("params", {}), path) or {}
-        if in_fmt is not None and static and "input_scale" not in qp_tree and "input_scale" not in layer_params:
+        if in_fmt is not None and scaling == "static" and "input_scale" not in qp_tree and "input_scale" not in layer_params:
             raise ValueError(f"convert: layer {'/'.join(path)} has no calibrated input_scale; "
                              "run qatjax.calibrate first.")
         if fmt is None or "kernel_codes" in qp_tree:

@@ -25,7 +25,8 @@ Layouts (dense):
 
 Convolutions (:class:`ConvSpec`) keep the kernel's own ``[*window, C_in, C_out]``
 layout; parameters ``()`` or ``[1, ..., 1, C_out]``, stored as ``()`` or ``[C_out]``.
-Activation parameters are per-tensor scalars.
+Activation parameters are per-tensor scalars, or (dense) per-row ``[..., 1]``: a scale
+that is constant along the contraction axis factors out of the integer sum.
 """
 
 from __future__ import annotations
@@ -212,7 +213,7 @@ def dot_from_codes(qx: jax.Array, qw: jax.Array, x_qp: QParams, w_serving: QPara
       qw: weight codes in the serving layout (``[N, K]``; conv ``[*window, C_in, C_out]``),
         or in the kernel's ``[K, N]`` when ``kernel_layout`` (integer, ungrouped only: the
         int32 accumulation is exact, so the result is the same bits).
-      x_qp: per-tensor activation parameters.
+      x_qp: activation parameters, per tensor (``()``) or, dense only, per row (``[..., 1]``).
       w_serving: weight parameters in serving form.
     """
     if isinstance(spec, ConvSpec):

@@ -116,7 +116,9 @@ def _dense_reference(cfg, v, x):
     w_hat = np.asarray(qatjax.fake_quant(jnp.asarray(wg), wq, fmt), np.float64).reshape(w.shape)
     x_hat = np.asarray(x, np.float64)
     if cfg.activation_format is not None:
-        xq = qatjax.qparams_from_minmax(-jnp.max(jnp.abs(x)), jnp.max(jnp.abs(x)), cfg.activation_format)
+        # dynamic scaling: min / max of the batch (affine), or its absmax (symmetric)
+        xq = qatjax.qparams_from_minmax(jnp.min(x), jnp.max(x), cfg.activation_format,
+                                        symmetric=cfg.activation_symmetric)
         x_hat = np.asarray(qatjax.fake_quant(x, xq, cfg.activation_format), np.float64)
     return x_hat @ w_hat + np.asarray(v["params"]["bias"], np.float64)
 
@@ -186,6 +188,54 @@ def test_kernel_gradient_uses_quantized_or_original_operands(original):
     x_used = np.asarray(x if original else qatjax.fake_quant(x, x_qp, qatjax.int8), np.float64)
     np.testing.assert_allclose(np.asarray(g), x_used.T @ np.asarray(ct, np.float64), rtol=1e-5, atol=1e-6)
     assert not np.allclose(np.asarray(x), np.asarray(qatjax.fake_quant(x, x_qp, qatjax.int8)), atol=1e-4)
+
+
+def _np_dynamic_qparams(x, fmt, symmetric, per_token):
+    """numpy float32 reference of the dynamic activation parameters (torch.ao arithmetic)."""
+    axis = -1 if per_token else None
+    lo = np.minimum(x.min(axis=axis, keepdims=per_token), 0).astype(np.float32)
+    hi = np.maximum(x.max(axis=axis, keepdims=per_token), 0).astype(np.float32)
+    if symmetric:
+        amax = np.abs(x).max(axis=axis, keepdims=per_token).astype(np.float32)
+        return np.maximum(amax / np.float32(fmt.qmax), np.finfo(np.float32).eps), np.zeros_like(amax)
+    scale = np.maximum((hi - lo) / np.float32(fmt.qmax - fmt.qmin), np.finfo(np.float32).eps)
+    zp = np.clip(fmt.qmin - np.rint(lo / scale), fmt.qmin, fmt.qmax)
+    return scale.astype(np.float32), zp.astype(np.float32)
+
+
+@pytest.mark.parametrize("fmt,symmetric,per_token", [
+    (qatjax.int8, True, True), (qatjax.uint8, False, False), (qatjax.uint8, False, True),
+], ids=["int8-per-token", "uint8-affine", "uint8-affine-per-token"])
+def test_dynamic_activation_parameters_per_tensor_or_per_token(fmt, symmetric, per_token):
+    """Dynamic scaling follows the config (affine min/max, per token), matches a numpy
+    reference, and train mode equals infer mode bit for bit."""
+    x = _x((2, 5, 32), seed=7, shift=0.5) * jnp.linspace(0.2, 3.0, 5)[:, None]  # rows differ
+    cfg = QatConfig(activation_format=fmt, activation_symmetric=symmetric, **DYN,
+                    activation_granularity="per_token" if per_token else "per_tensor")
+    model = QatDense(6, config=cfg)
+    v = model.init(jax.random.key(0), x)
+    y_train = model.apply(v, x, mode="train")
+    np.testing.assert_array_equal(np.asarray(model.apply(v, x, mode="infer")), np.asarray(y_train))
+    scale, zp = _np_dynamic_qparams(np.asarray(x), fmt, symmetric, per_token)
+    code = np.clip(np.rint(np.asarray(x) * (np.float32(1) / scale)) + zp, fmt.qmin, fmt.qmax)
+    x_hat = (code - zp).astype(np.float64) * scale
+    w = np.asarray(v["params"]["kernel"])
+    w_scale = np.maximum(np.abs(w).max(0, keepdims=True) / np.float32(127), np.finfo(np.float32).eps)
+    w_hat = np.clip(np.rint(w * (np.float32(1) / w_scale)), -128, 127).astype(np.float64) * w_scale
+    ref = x_hat @ w_hat + np.asarray(v["params"]["bias"])
+    assert np.abs(np.asarray(y_train) - ref).max() <= 1e-5 * np.abs(ref).max()
+    report = qatjax.quant_report(v)
+    assert report.layers[0].method == ("dynamic per token" if per_token else "dynamic")
+
+
+def test_per_token_activations_need_dynamic_scaling_and_a_dense_layer():
+    with pytest.raises(ValueError, match="per_token"):
+        QatConfig(activation_granularity="per_token")
+    with pytest.raises(ValueError, match="activation_granularity"):
+        QatConfig(activation_granularity="per_row", **DYN)
+    conv = QatConv(4, (3, 3), config=QatConfig(activation_granularity="per_token", **DYN))
+    with pytest.raises(ValueError, match="per_token"):
+        conv.init(jax.random.key(0), jnp.ones((1, 5, 5, 2)))
 
 
 def test_quant_mode_context_overrides_every_layer():

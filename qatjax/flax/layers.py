@@ -49,7 +49,7 @@ from qatjax.fake_quant import lsq_grad_scale, quantize
 from qatjax.flax import specs
 from qatjax.qdot import (ConvSpec, DotSpec, dequantize_codes, dot_from_codes, from_serving,
                          quantize_kernel, quantized_dot, reference_dot, to_serving)
-from qatjax.qparams import QParams, qparams_from_amax
+from qatjax.qparams import QParams, qparams_from_amax, qparams_from_minmax
 
 __all__ = ["QatDense", "QatConv", "MODES", "quant_mode"]
 
@@ -168,11 +168,7 @@ class _QuantLayer:
         if fmt is None:
             return None
         if cfg.activation_scaling == "dynamic":
-            amax = jnp.max(jnp.abs(jax.lax.stop_gradient(x))).astype(jnp.float32)
-            amax = jnp.where(jnp.isfinite(amax), amax, 0.0)
-            if self.axis_name is not None:
-                amax = jax.lax.pmax(amax, self.axis_name)
-            return qparams_from_amax(amax, fmt)
+            return self._dynamic_input_qparams(jax.lax.stop_gradient(x))
         if cfg.learnable_scales and mode == "train" and self.has_variable("params", "input_scale"):
             scale = self._read("params", "input_scale")
             zp = (self._read("params", "input_zero_point")
@@ -190,6 +186,26 @@ class _QuantLayer:
             "qatjax.calibrate(model, variables, batches) first, or use "
             "activation_scaling='dynamic'."
         )
+
+    def _dynamic_input_qparams(self, x: jax.Array) -> QParams:
+        """Parameters from the batch itself: absmax (symmetric) or min / max (affine) of the
+        whole tensor, reduced over ``axis_name``, or of each token (``[..., 1]``, no
+        cross-device reduction: every token is local). Non-finite extremes count as 0."""
+        cfg = self.config
+        per_token = cfg.activation_granularity == "per_token"
+        axis = -1 if per_token else None
+        across_devices = self.axis_name is not None and not per_token
+
+        def extreme(v: jax.Array, reduce, collective) -> jax.Array:
+            v = reduce(v, axis=axis, keepdims=per_token).astype(jnp.float32)
+            v = jnp.where(jnp.isfinite(v), v, 0.0)
+            return collective(v, self.axis_name) if across_devices else v
+
+        if cfg.activation_symmetric:
+            return qparams_from_amax(extreme(jnp.abs(x), jnp.max, jax.lax.pmax), cfg.activation_format)
+        lo = extreme(x, jnp.min, jax.lax.pmin)
+        hi = extreme(x, jnp.max, jax.lax.pmax)
+        return qparams_from_minmax(lo, hi, cfg.activation_format, symmetric=False)
 
     def _finalize_input(self) -> None:
         """Turns the observer state into activation QParams (quant_params, or params for LSQ)."""
@@ -250,7 +266,7 @@ class _QuantLayer:
         w_own_absmax = (w_fmt is not None and not w_fmt.is_float and cfg.weight_symmetric
                         and not cfg.learnable_scales)
         x_own_absmax = (x_fmt is not None and not x_fmt.is_float and x_fmt.signed
-                        and cfg.activation_scaling == "dynamic")
+                        and cfg.activation_symmetric and cfg.activation_scaling == "dynamic")
         return cls(
             x_format=x_fmt, w_format=w_fmt,
             x_symmetric=cfg.activation_symmetric, w_symmetric=cfg.weight_symmetric,
@@ -445,6 +461,10 @@ class QatConv(_QuantLayer, nn.Conv):
         if cfg.fp8_scaling is not None:
             raise ValueError("QatConv: the fp8 training recipe (fp8_scaling) is implemented for "
                              "QatDense only.")
+        if cfg.activation_granularity == "per_token":
+            raise ValueError("QatConv: activation_granularity='per_token' is for QatDense (a "
+                             "convolution window spans several positions, each with its own scale); "
+                             "use 'per_tensor'.")
         kernel_size = (self.kernel_size,) if isinstance(self.kernel_size, int) else tuple(self.kernel_size)
         if mode in ("float", "init", "calibrate", _FINALIZE):
             self._observe_or_finalize(inputs, mode)

@@ -27,6 +27,7 @@ __all__ = [
     "parse_kernel_spec",
     "parse_input_spec",
     "stack_shape",
+    "INPUT_SCALINGS",
     "weight_qparams",
     "weight_qparams_for",
     "layout_spec",
@@ -35,7 +36,8 @@ __all__ = [
 
 def describe(cfg: QatConfig) -> dict[str, jax.Array]:
     """``kernel_spec = [format code, granularity index, group size, symmetric]``,
-    ``input_spec = [format code, symmetric, static scaling, estimator index]`` and
+    ``input_spec = [format code, symmetric, scaling (0 dynamic per tensor, 1 static,
+    2 dynamic per token), estimator index]`` and
     ``fp8_spec = [fp8 scaling (0 none, 1 current, 2 delayed), margin]`` as int32 arrays."""
     return {
         "kernel_spec": jnp.array([
@@ -43,7 +45,7 @@ def describe(cfg: QatConfig) -> dict[str, jax.Array]:
             cfg.weight_group_size or 0, int(cfg.weight_symmetric)], jnp.int32),
         "input_spec": jnp.array([
             format_code(cfg.activation_format), int(cfg.activation_symmetric),
-            int(cfg.activation_scaling == "static" and cfg.fp8_scaling is None),
+            INPUT_SCALINGS.index(_input_scaling(cfg)),
             ESTIMATORS.index(cfg.activation_estimator)], jnp.int32),
         "fp8_spec": jnp.array([
             (None, "current", "delayed").index(cfg.fp8_scaling), cfg.fp8_margin], jnp.int32),
@@ -71,11 +73,21 @@ def parse_kernel_spec(spec) -> tuple[Format | None, str, int | None, bool]:
     return format_from_code(code), GRANULARITIES[gran], (group or None), bool(sym)
 
 
-def parse_input_spec(spec) -> tuple[Format | None, bool, bool, str]:
-    """Inverse of ``input_spec``: ``(format, symmetric, static, estimator name)``; stacked
-    descriptors as for :func:`parse_kernel_spec`."""
-    code, sym, static, est = _row(spec, "input_spec")
-    return format_from_code(code), bool(sym), bool(static), ESTIMATORS[est]
+def parse_input_spec(spec) -> tuple[Format | None, bool, str, str]:
+    """Inverse of ``input_spec``: ``(format, symmetric, scaling, estimator name)``, scaling
+    one of :data:`INPUT_SCALINGS`; stacked descriptors as for :func:`parse_kernel_spec`."""
+    code, sym, scaling, est = _row(spec, "input_spec")
+    return format_from_code(code), bool(sym), INPUT_SCALINGS[scaling], ESTIMATORS[est]
+
+
+# How a layer's input scale is obtained; the index is what ``input_spec`` stores.
+INPUT_SCALINGS = ("dynamic", "static", "dynamic per token")
+
+
+def _input_scaling(cfg: QatConfig) -> str:
+    if cfg.activation_scaling == "static" and cfg.fp8_scaling is None:
+        return "static"
+    return "dynamic per token" if cfg.activation_granularity == "per_token" else "dynamic"
 
 
 def layout_spec(w_format: Format | None, group_size: int | None, conv: bool,
