@@ -121,28 +121,27 @@ def make_float(dim, dtype, x, calib):
     return Variant("float", model, *_init(model, x))
 
 
-def make_qatjax_dynamic(dim, dtype, x, calib):
-    cfg = QatConfig(weight_format="int8", activation_format="int8", activation_scaling="dynamic")
+def _qatjax_stack(dim, dtype, **config) -> MLPStack:
+    """The benchmark model with int8 QatDense layers in train mode; ``config``: QatConfig fields."""
+    cfg = QatConfig(weight_format="int8", activation_format="int8", **config)
     dense = functools.partial(QatDense, config=cfg, dtype=dtype, param_dtype=jnp.float32)
-    model = MLPStack(dim, dense, (("mode", "train"),))
+    return MLPStack(dim, dense, (("mode", "train"),))
+
+
+def make_qatjax_dynamic(dim, dtype, x, calib):
+    model = _qatjax_stack(dim, dtype, activation_scaling="dynamic")
     return Variant("qatjax int8 dynamic", model, *_init(model, x),
                    note="per-channel w, per-tensor absmax x each batch")
 
 
 def make_qatjax_per_token(dim, dtype, x, calib):
-    cfg = QatConfig(weight_format="int8", activation_format="int8", activation_scaling="dynamic",
-                    activation_granularity="per_token")
-    dense = functools.partial(QatDense, config=cfg, dtype=dtype, param_dtype=jnp.float32)
-    model = MLPStack(dim, dense, (("mode", "train"),))
+    model = _qatjax_stack(dim, dtype, activation_scaling="dynamic", activation_granularity="per_token")
     return Variant("qatjax int8 per-token", model, *_init(model, x),
                    note="as dynamic, one activation scale per token (as AQT and Qwix)")
 
 
 def make_qatjax_original_residuals(dim, dtype, x, calib):
-    cfg = QatConfig(weight_format="int8", activation_format="int8", activation_scaling="dynamic",
-                    original_residuals=True)
-    dense = functools.partial(QatDense, config=cfg, dtype=dtype, param_dtype=jnp.float32)
-    model = MLPStack(dim, dense, (("mode", "train"),))
+    model = _qatjax_stack(dim, dtype, activation_scaling="dynamic", original_residuals=True)
     return Variant("qatjax int8 orig-res", model, *_init(model, x),
                    note="as dynamic, backward on float x and kernel (Qwix's estimator)")
 
@@ -150,10 +149,8 @@ def make_qatjax_original_residuals(dim, dtype, x, calib):
 def make_qatjax_static(dim, dtype, x, calib):
     import qatjax.model
 
-    cfg = QatConfig(weight_format="int8", activation_format="int8", activation_scaling="static",
-                    activation_observer="minmax", activation_estimator="minmax")
-    dense = functools.partial(QatDense, config=cfg, dtype=dtype, param_dtype=jnp.float32)
-    model = MLPStack(dim, dense, (("mode", "train"),))
+    model = _qatjax_stack(dim, dtype, activation_scaling="static", activation_observer="minmax",
+                          activation_estimator="minmax")
     variables = model.init(jax.random.key(0), x)
     variables = qatjax.model.calibrate(model, variables, calib)
     params, frozen = _split(variables)
