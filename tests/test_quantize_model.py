@@ -138,3 +138,5 @@ def test_bad_arguments_and_custom_matmuls_are_clear_errors():
         quantize_model(Custom(), {"weight_format": "int8"})
     with pytest.raises(TypeError, match="rule 'special'"):
         quantize_model(Custom(), CFG, rules=[("special", "int8")])
+    with pytest.raises(ValueError, match="`mode`"):
+        quantize_model(Custom(), CFG, mode="training")

@@ -24,7 +24,7 @@ from typing import Any
 import flax.linen as nn
 
 from qatjax.config import QatConfig
-from qatjax.flax.layers import QatConv, QatDense
+from qatjax.flax.layers import MODES, QatConv, QatDense
 
 __all__ = ["quantize_model"]
 
@@ -105,6 +105,8 @@ def quantize_model(model: nn.Module, config: QatConfig | None = QatConfig(), *,
                             f"got {type(cfg).__name__}.")
     if config is not None and not isinstance(config, QatConfig):
         raise TypeError(f"quantize_model: `config` must be a QatConfig or None, got {type(config).__name__}.")
+    if mode is not None and mode not in MODES:
+        raise ValueError(f"quantize_model: `mode` must be one of {MODES} or None, got {mode!r}.")
     interceptor = _Interceptor(config, tuple(rules), mode, axis_name)
     base = getattr(type(model), "_qatjax_float_type", type(model))
     namespace: dict[str, Any] = {"_qatjax_float_type": base, "__module__": base.__module__,
