@@ -282,6 +282,9 @@ def _serving_weights(layer: Mapping[str, Mapping[str, Any]], name: str
     if "kernel" not in layer_params:
         raise ValueError(f"layer {name}: no params/kernel and no kernel_codes.")
     kernel = jnp.asarray(layer_params["kernel"])
+    if "dense_general_spec" in qp_tree:  # QatDenseGeneral: the dense [K, N] it stands for
+        n_in, shape = specs.parse_dense_general_spec(qp_tree["dense_general_spec"])
+        kernel = kernel.reshape(int(np.prod(shape[:n_in])), -1)
     fp8_scaling, margin = (int(v) for v in np.asarray(qp_tree.get("fp8_spec", (0, 0))))
     delayed_scale = None
     if fp8_scaling == 2:
@@ -444,11 +447,12 @@ def quantize_model_weights(variables: Variables, *, pack: bool = True) -> dict:
     """Export: every qatjax layer's kernel as codes and scales, other parameters as they are.
 
     Returns a pytree of arrays only (so flax.serialization and orbax can save it):
-    ``{"layers": {path: {"codes", "scale", "zero_point", "spec", "shape", "packed"}},
+    ``{"layers": {path: {"codes", "scale", "zero_point", "spec", "shape", "in_ndim", "packed"}},
     "params": <params without the quantized kernels>}``. Codes of formats of 4 bits or
     fewer are packed two per byte along the last axis when ``pack`` is True. ``shape``
-    is the kernel's shape in the Flax layout (``[K, N]`` for dense), ``spec`` the layer's
-    ``kernel_spec``. Layers stacked by ``nn.scan`` / ``nn.vmap`` keep their leading axes
+    is the kernel's shape in the Flax layout (``[K, N]`` for dense), ``in_ndim`` how many
+    of its leading axes are contracted (the codes are ``[N, K]`` then; 0: a convolution,
+    whose codes keep the kernel's layout), ``spec`` the layer's ``kernel_spec``. Layers stacked by ``nn.scan`` / ``nn.vmap`` keep their leading axes
     on every entry.
     """
     served = nn.meta.unbox(convert(variables))
@@ -461,13 +465,20 @@ def quantize_model_weights(variables: Variables, *, pack: bool = True) -> dict:
         do_pack = pack and not fmt.is_float and fmt.bits <= 4
         stack = specs.stack_shape(qp_tree["kernel_spec"])
         layout = codes.shape[len(stack):]
-        flax_shape = stack + (layout if len(layout) > 2 else layout[::-1])
+        if "dense_general_spec" in qp_tree:
+            in_ndim, shape = specs.parse_dense_general_spec(qp_tree["dense_general_spec"])
+        elif len(layout) > 2:  # convolution: the codes keep the kernel's layout
+            in_ndim, shape = 0, layout
+        else:
+            in_ndim, shape = 1, layout[::-1]
+        flax_shape = stack + shape
         layers["/".join(path)] = {
             "codes": pack_nibbles(codes) if do_pack else codes,
             "scale": qp_tree["kernel_scale"],
             "zero_point": qp_tree["kernel_zero_point"],
             "spec": qp_tree["kernel_spec"],
             "shape": jnp.asarray(flax_shape, jnp.int32),
+            "in_ndim": jnp.asarray(in_ndim, jnp.int32),
             "packed": jnp.asarray(do_pack),
         }
     return {"layers": layers, "params": served.get("params", {})}
@@ -484,8 +495,11 @@ def dequantize_weights(exported: Mapping[str, Any]) -> dict:
         fmt, _, group, _ = specs.parse_kernel_spec(entry["spec"])
         stack = specs.stack_shape(entry["spec"])
         shape = tuple(int(v) for v in np.asarray(entry["shape"]))[len(stack):]
-        conv = len(shape) > 2
-        layout_shape = shape if conv else shape[::-1]
+        # Exports without in_ndim (before QatDenseGeneral): dense [K, N] or conv kernels.
+        in_ndim = int(np.asarray(entry["in_ndim"])) if "in_ndim" in entry else (0 if len(shape) > 2 else 1)
+        conv = in_ndim == 0
+        k_in = int(np.prod(shape[:in_ndim]))
+        layout_shape = shape if conv else (int(np.prod(shape)) // k_in, k_in)
         spec = specs.layout_spec(fmt, group, conv)
         kernels = []
         for idx in np.ndindex(*stack):
@@ -493,7 +507,7 @@ def dequantize_weights(exported: Mapping[str, Any]) -> dict:
             if bool(np.asarray(entry["packed"])):
                 codes = unpack_nibbles(codes, layout_shape[-1], fmt.signed)
             w = dequantize_codes(codes, QParams(entry["scale"][idx], entry["zero_point"][idx]), spec)
-            kernels.append(w if conv else w.T)
+            kernels.append(w if conv else w.T.reshape(shape))
         w = _stack(kernels, stack)
         node = params
         for k in (key.split("/") if key else ()):

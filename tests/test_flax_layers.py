@@ -10,7 +10,7 @@ from flax.training import train_state
 
 import qatjax
 from qatjax.config import QatConfig
-from qatjax.flax import QatConv, QatDense, quant_mode
+from qatjax.flax import QatConv, QatDense, QatDenseGeneral, quant_mode
 
 DYN = dict(activation_scaling="dynamic")
 
@@ -236,6 +236,50 @@ def test_per_token_activations_need_dynamic_scaling_and_a_dense_layer():
     conv = QatConv(4, (3, 3), config=QatConfig(activation_granularity="per_token", **DYN))
     with pytest.raises(ValueError, match="per_token"):
         conv.init(jax.random.key(0), jnp.ones((1, 5, 5, 2)))
+
+
+@pytest.mark.parametrize("features,axis,x_shape", [
+    ((4, 8), -1, (2, 5, 32)),        # attention's query / key / value projections
+    (32, (-2, -1), (2, 5, 4, 8)),    # its output projection
+])
+def test_dense_general_is_nn_dense_general_and_quantizes_as_the_flat_dense(features, axis, x_shape):
+    x = _x(x_shape, seed=9)
+    cfg = QatConfig(**DYN)
+    layer = QatDenseGeneral(features, axis=axis, config=cfg)
+    v = layer.init(jax.random.key(3), x)
+    ref_layer = nn.DenseGeneral(features, axis=axis)
+    ref_vars = ref_layer.init(jax.random.key(3), x)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, v["params"], ref_vars["params"])
+    np.testing.assert_array_equal(np.asarray(layer.apply(v, x, mode="float")),
+                                  np.asarray(ref_layer.apply(ref_vars, x)))
+    train = layer.apply(v, x, mode="train")
+    served = qatjax.convert(v)
+    n_in = 1 if isinstance(axis, int) else len(axis)
+    k = int(np.prod(x_shape[-n_in:]))
+    assert served["quant_params"]["kernel_codes"].shape == (int(np.prod(features)), k)
+    np.testing.assert_array_equal(np.asarray(layer.apply(served, x, mode="infer")), np.asarray(train))
+    # numpy reference: the flat dense [K, N], one scale per output element.
+    w = np.asarray(v["params"]["kernel"]).reshape(k, -1)
+    w_scale = np.maximum(np.abs(w).max(0, keepdims=True) / np.float32(127), np.finfo(np.float32).eps)
+    w_hat = np.clip(np.rint(w * (np.float32(1) / w_scale)), -128, 127).astype(np.float64) * w_scale
+    xf = np.asarray(x).reshape(x_shape[:-n_in] + (k,))
+    x_scale = np.float32(np.abs(xf).max()) / np.float32(127)
+    x_hat = np.clip(np.rint(xf * (np.float32(1) / x_scale)), -128, 127).astype(np.float64) * x_scale
+    ref = (x_hat @ w_hat).reshape(np.shape(train)) + np.asarray(v["params"]["bias"])
+    assert np.abs(np.asarray(train) - ref).max() <= 1e-5 * np.abs(ref).max()
+    imported = qatjax.dequantize_weights(qatjax.quantize_model_weights(v))
+    np.testing.assert_array_equal(np.asarray(imported["kernel"]),
+                                  (w_hat.astype(np.float32)).reshape(v["params"]["kernel"].shape))
+    g = jax.grad(lambda p: jnp.sum(layer.apply({**v, "params": p}, x, mode="train") ** 2))(v["params"])
+    assert g["kernel"].shape == v["params"]["kernel"].shape and float(jnp.abs(g["kernel"]).sum()) > 0
+
+
+def test_dense_general_refuses_what_it_cannot_flatten():
+    x = jnp.ones((2, 5, 4, 8))
+    with pytest.raises(ValueError, match="trailing axes"):
+        QatDenseGeneral(16, axis=(1, 3), config=QatConfig(**DYN)).init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match="trailing axes"):
+        QatDenseGeneral(16, axis=-1, batch_dims=(0,), config=QatConfig(**DYN)).init(jax.random.key(0), x)
 
 
 def test_quant_mode_context_overrides_every_layer():

@@ -124,6 +124,33 @@ def test_layers_inside_nn_scan_are_quantized_and_stay_stacked():
         np.testing.assert_array_equal(np.asarray(qmodel.apply(qatjax.convert(v), x)), np.asarray(y))
 
 
+def test_attention_projections_are_quantized():
+    """nn.MultiHeadDotProductAttention's DenseGeneral projections run as QatDenseGeneral."""
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = x + nn.MultiHeadDotProductAttention(num_heads=4, qkv_features=32, name="attn")(x)
+            return x + nn.Dense(32, name="mlp")(nn.relu(x))
+
+    model, x = Block(), _x(shape=(2, 5, 32))
+    float_vars = model.init(jax.random.key(1), x)
+    qmodel = quantize_model(model, CFG)
+    v = qatjax.calibrate(qmodel, {"params": float_vars["params"]}, [x, _x(1, (2, 5, 32))])
+    assert sorted(r.path for r in qatjax.quant_report(v).layers) == [
+        "attn/key", "attn/out", "attn/query", "attn/value", "mlp"]
+    with quant_mode("float"):
+        np.testing.assert_array_equal(np.asarray(qmodel.apply(v, x)),
+                                      np.asarray(model.apply(float_vars, x)))
+    with quant_mode("train"):
+        y = qmodel.apply(v, x)
+    served = qatjax.convert(v)
+    assert served["quant_params"]["attn"]["out"]["kernel_codes"].shape == (32, 32)
+    with quant_mode("infer"):
+        np.testing.assert_array_equal(np.asarray(qmodel.apply(served, x)), np.asarray(y))
+    imported = qatjax.dequantize_weights(qatjax.quantize_model_weights(v))
+    assert imported["attn"]["query"]["kernel"].shape == (32, 4, 8)
+
+
 def test_bad_arguments_and_custom_matmuls_are_clear_errors():
     class Custom(nn.Module):
         @nn.compact

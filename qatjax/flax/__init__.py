@@ -1,7 +1,8 @@
-"""Flax (linen) layers of qatjax: ``QatDense``, ``QatConv``, the ``quant_mode`` context and
-``quantize_model`` (swap the layers of an existing model without editing it)."""
+"""Flax (linen) layers of qatjax: ``QatDense``, ``QatDenseGeneral``, ``QatConv``, the
+``quant_mode`` context and ``quantize_model`` (swap the layers of an existing model
+without editing it)."""
 
 from qatjax.flax.intercept import quantize_model
-from qatjax.flax.layers import MODES, QatConv, QatDense, quant_mode
+from qatjax.flax.layers import MODES, QatConv, QatDense, QatDenseGeneral, quant_mode
 
-__all__ = ["QatDense", "QatConv", "quant_mode", "quantize_model", "MODES"]
+__all__ = ["QatDense", "QatDenseGeneral", "QatConv", "quant_mode", "quantize_model", "MODES"]

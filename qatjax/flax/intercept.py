@@ -2,8 +2,9 @@
 
 ``quantize_model(model, config)`` returns a copy of a linen model whose methods run
 under :func:`flax.linen.intercept_methods`: every call of a plain ``nn.Dense`` /
-``nn.Conv`` inside it runs as :class:`~qatjax.flax.QatDense` / :class:`~qatjax.flax.QatConv`
-with the same attributes, in the same scope. Parameter names and paths are those of
+``nn.DenseGeneral`` / ``nn.Conv`` inside it (attention projections included) runs as
+:class:`~qatjax.flax.QatDense` / :class:`~qatjax.flax.QatDenseGeneral` /
+:class:`~qatjax.flax.QatConv` with the same attributes, in the same scope. Parameter names and paths are those of
 the float model, so its checkpoint loads unchanged; the quantization state appears
 next to each layer's parameters (``quant_stats``, ``quant_params``), and every qatjax
 tool (calibrate, report, convert, export) works on the result. This is what
@@ -24,7 +25,7 @@ from typing import Any
 import flax.linen as nn
 
 from qatjax.config import QatConfig
-from qatjax.flax.layers import MODES, QatConv, QatDense
+from qatjax.flax.layers import MODES, QatConv, QatDense, QatDenseGeneral
 
 __all__ = ["quantize_model"]
 
@@ -34,6 +35,7 @@ Rules = Sequence[tuple[str, QatConfig | None]]
 # custom matmul / convolution that qatjax would silently replace).
 _TWINS = {
     nn.Dense: (QatDense, ("dot_general", "dot_general_cls")),
+    nn.DenseGeneral: (QatDenseGeneral, ("dot_general", "dot_general_cls")),
     nn.Conv: (QatConv, ("conv_general_dilated", "conv_general_dilated_cls")),
 }
 
@@ -77,7 +79,8 @@ class _Interceptor:
 def quantize_model(model: nn.Module, config: QatConfig | None = QatConfig(), *,
                    rules: Rules = (), mode: str | None = None, axis_name: str | None = None,
                    methods: Collection[str] = ("__call__",)) -> nn.Module:
-    """A copy of ``model`` whose ``nn.Dense`` / ``nn.Conv`` layers run as qatjax layers.
+    """A copy of ``model`` whose ``nn.Dense`` / ``nn.DenseGeneral`` / ``nn.Conv`` layers run as
+    qatjax layers.
 
     Args:
       model: an unbound linen module (any Flax model; it is not modified).

@@ -291,6 +291,25 @@ class _QuantLayer:
         if mode in ("init", _FINALIZE):
             self._write_specs()
 
+    def _init_quant_state(self, kernel: jax.Array) -> None:
+        """fp8 delayed-scaling state and LSQ weight scales, for the dense ``kernel [K, N]``."""
+        if self.config.fp8_scaling == "delayed":
+            self._fp8_meta()
+        if self.config.learnable_scales and self.config.weight_format is not None:
+            self._learnable_kernel_scale(kernel, reset=False)
+
+    def _quantized_dense(self, inputs: jax.Array, kernel: jax.Array | None, bias: jax.Array | None,
+                         mode: str, k_in: int, n_out: int) -> jax.Array:
+        """Train / infer mode of a dense layer: ``inputs [..., K]``, ``kernel [K, N]`` (None once
+        converted), ``bias [N]`` -> ``[..., N]`` in the compute dtype."""
+        inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+        cfg = self.config
+        per_scale = {"per_group": cfg.weight_group_size,
+                     "per_tensor": k_in * n_out}.get(cfg.weight_granularity, k_in)
+        y = self._quantized_forward(inputs, kernel, mode, self._dot_spec(k_in, per_scale))
+        y = y.astype(inputs.dtype)
+        return y if bias is None else y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+
     def _write_specs(self) -> None:
         cfg = self.config
         for name, value in specs.describe(cfg).items():
@@ -397,7 +416,7 @@ class QatDense(_QuantLayer, nn.Dense):
             self._observe_or_finalize(inputs, mode)
             y = nn.Dense.__call__(self, inputs)
             if mode == "init":
-                self._init_quant_state(inputs)
+                self._init_quant_state(self._read("params", "kernel"))
             if mode == _FINALIZE:
                 self._learnable_kernel_scale(self._read("params", "kernel"), reset=True)
             return y
@@ -414,21 +433,78 @@ class QatDense(_QuantLayer, nn.Dense):
                 f"axis, but the kernel expects {k_in}."
             )
         bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
-        inputs, kernel_p, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
-        per_scale = k_in if self.config.weight_granularity != "per_group" else self.config.weight_group_size
-        if self.config.weight_granularity == "per_tensor":
-            per_scale = k_in * self.features
-        spec = self._dot_spec(k_in, per_scale)
-        y = self._quantized_forward(inputs, kernel_p, mode, spec).astype(inputs.dtype)
-        if bias is not None:
-            y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
-        return y
+        return self._quantized_dense(inputs, kernel, bias, mode, k_in, self.features)
 
-    def _init_quant_state(self, inputs: jax.Array) -> None:
-        if self.config.fp8_scaling == "delayed":
-            self._fp8_meta()
-        if self.config.learnable_scales and self.config.weight_format is not None:
-            self._learnable_kernel_scale(self._read("params", "kernel"), reset=False)
+class QatDenseGeneral(_QuantLayer, nn.DenseGeneral):
+    """Quantization-aware drop-in for ``flax.linen.DenseGeneral`` contracting trailing axes.
+
+    The contraction axes must be the input's last ``len(axis)`` axes, in order, and
+    ``batch_dims`` empty (the form attention projections use). The kernel keeps
+    ``nn.DenseGeneral``'s shape and initialisation, and is quantized as the dense
+    ``[K, N]`` matrix it is (``K = prod(in)``, ``N = prod(features)``): per channel means
+    one scale per output element. Converted variables store ``kernel_codes [N, K]``.
+
+    Shapes: ``x [..., *in] -> y [..., *features]``; ``kernel [*in, *features]``.
+    """
+
+    config: QatConfig = QatConfig()
+    mode: str | None = None
+    axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, inputs: jax.Array, mode: str | None = None) -> jax.Array:  # type: ignore[override]
+        mode, converted = self._begin(mode)
+        features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+        axis = (self.axis,) if isinstance(self.axis, int) else tuple(self.axis)
+        n_in = len(axis)
+        if tuple(a % inputs.ndim for a in axis) != tuple(range(inputs.ndim - n_in, inputs.ndim)) or (
+                self.batch_dims not in ((), None)):
+            raise ValueError(
+                f"QatDenseGeneral {self.path_str()}: only the input's trailing axes, in order, can be "
+                f"contracted, without batch_dims; got axis={self.axis}, batch_dims={self.batch_dims} "
+                f"for inputs of rank {inputs.ndim}.")
+        in_shape = tuple(inputs.shape[-n_in:])
+        k_in, n_out = int(np.prod(in_shape)), int(np.prod(features))
+        if mode in ("float", "init", "calibrate", _FINALIZE):
+            self._observe_or_finalize(inputs, mode)
+            y = nn.DenseGeneral.__call__(self, inputs)
+            if mode in ("init", _FINALIZE) and self.is_mutable_collection("quant_params"):
+                self.put_variable("quant_params", "dense_general_spec",
+                                  jnp.array((n_in,) + in_shape + features, jnp.int32))
+            kernel = self._read("params", "kernel").reshape(k_in, n_out)
+            if mode == "init":
+                self._init_quant_state(kernel)
+            if mode == _FINALIZE:
+                self._learnable_kernel_scale(kernel, reset=True)
+            return y
+        kernel = None
+        if converted:
+            k_codes = self._read("quant_params", "kernel_codes").shape[-1]
+            if k_codes != k_in:
+                raise ValueError(f"QatDenseGeneral {self.path_str()}: inputs have {in_shape} on the "
+                                 f"contracted axes, but the kernel codes expect {k_codes} values.")
+        else:
+            kernel = self.param("kernel", _flat_init(self.kernel_init, n_in), in_shape + features,
+                                self.param_dtype).reshape(k_in, n_out)
+        bias = (self.param("bias", _flat_init(self.bias_init, 0), features, self.param_dtype).reshape(n_out)
+                if self.use_bias else None)
+        x = inputs.reshape(inputs.shape[:-n_in] + (k_in,))
+        y = self._quantized_dense(x, kernel, bias, mode, k_in, n_out)
+        return y.reshape(inputs.shape[:-n_in] + features)
+
+
+def _flat_init(init, n_in: int):
+    """``nn.DenseGeneral``'s initialisation: ``init`` on the flat ``[prod(in), prod(features)]``
+    (``n_in`` leading axes; 0: the flat ``[prod(shape)]`` of a bias), reshaped."""
+    def wrapped(rng, shape, dtype=jnp.float32):
+        flat = ((int(np.prod(shape[:n_in])), int(np.prod(shape[n_in:]))) if n_in
+                else (int(np.prod(shape)),))
+        value = init(rng, flat, dtype)
+        if isinstance(value, nn.meta.AxisMetadata):
+            return nn.meta.replace_boxed(value, jnp.reshape(value.unbox(), shape))
+        return jnp.reshape(value, shape)
+
+    return wrapped
 
 
 class QatConv(_QuantLayer, nn.Conv):

@@ -27,6 +27,7 @@ __all__ = [
     "parse_kernel_spec",
     "parse_input_spec",
     "stack_shape",
+    "parse_dense_general_spec",
     "INPUT_SCALINGS",
     "weight_qparams",
     "weight_qparams_for",
@@ -78,6 +79,13 @@ def parse_input_spec(spec) -> tuple[Format | None, bool, str, str]:
     one of :data:`INPUT_SCALINGS`; stacked descriptors as for :func:`parse_kernel_spec`."""
     code, sym, scaling, est = _row(spec, "input_spec")
     return format_from_code(code), bool(sym), INPUT_SCALINGS[scaling], ESTIMATORS[est]
+
+
+def parse_dense_general_spec(spec) -> tuple[int, tuple[int, ...]]:
+    """``dense_general_spec = [n_in, *kernel_shape]`` (written by QatDenseGeneral) ->
+    ``(n_in, kernel_shape)``: the kernel is the dense ``[prod(shape[:n_in]), prod(shape[n_in:])]``."""
+    n_in, *shape = _row(spec, "dense_general_spec")
+    return n_in, tuple(shape)
 
 
 # How a layer's input scale is obtained; the index is what ``input_spec`` stores.
