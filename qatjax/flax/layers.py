@@ -1,4 +1,5 @@
-"""``QatDense`` and ``QatConv``: drop-ins for ``nn.Dense`` / ``nn.Conv`` that quantize.
+"""``QatDense``, ``QatDenseGeneral`` and ``QatConv``: drop-ins for ``nn.Dense`` /
+``nn.DenseGeneral`` / ``nn.Conv`` that quantize.
 
 Same attributes and parameter names (``kernel``, ``bias``) as the Flax layers, so a
 float checkpoint loads unchanged, plus ``config`` (a :class:`~qatjax.QatConfig`),
@@ -7,7 +8,7 @@ float checkpoint loads unchanged, plus ``config`` (a :class:`~qatjax.QatConfig`)
 Modes, chosen per call (``layer(x, mode=...)``, the ``mode`` attribute, or
 :func:`quant_mode` around a traced function, in decreasing precedence):
 
-* ``"float"``: exactly ``nn.Dense`` / ``nn.Conv``.
+* ``"float"``: exactly the Flax layer.
 * ``"calibrate"``: float output; the activation observer in ``quant_stats`` sees the
   input (reduced across ``axis_name`` when given, so every replica holds the global
   statistics). Make ``quant_stats`` mutable.
@@ -24,7 +25,8 @@ Variables:
   (and ``input_zero_point`` for affine activations).
 * ``quant_stats``: ``input``, the activation observer state.
 * ``quant_params``: ``kernel_spec`` / ``input_spec`` (int32 descriptors of the formats,
-  written at init so variables describe themselves), ``input_scale`` and
+  written at init so variables describe themselves; QatDenseGeneral adds
+  ``dense_general_spec``, its kernel's shape), ``input_scale`` and
   ``input_zero_point`` once calibrated, and after :func:`qatjax.convert` the
   ``kernel_codes`` with ``kernel_scale`` / ``kernel_zero_point``.
 """
