@@ -151,6 +151,29 @@ def test_attention_projections_are_quantized():
     assert imported["attn"]["query"]["kernel"].shape == (32, 4, 8)
 
 
+def test_axis_name_reduces_calibration_across_8_devices():
+    """quantize_model(..., axis_name=) gives the swapped layers the mapped axis: calibration
+    statistics under shard_map equal the single-device ones."""
+    model, batches = CNN(), [_x(i, (16, 6, 6, 2)) for i in range(2)]
+    params = model.init(jax.random.key(1), batches[0])["params"]
+    ref = qatjax.calibrate(quantize_model(model, CFG), {"params": params}, batches)
+    qmodel = quantize_model(model, CFG, mode="calibrate", axis_name="batch")
+    stats = qmodel.init(jax.random.key(1), batches[0])["quant_stats"]
+
+    def step(stats, x):
+        return qmodel.apply({"params": params, "quant_stats": stats}, x,
+                            mutable=["quant_stats"])[1]["quant_stats"]
+
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("batch",))
+    P = jax.sharding.PartitionSpec
+    sstep = jax.jit(qatjax.calibration.shard_map(step, mesh=mesh, in_specs=(P(), P("batch")),
+                                                 out_specs=P()))
+    for b in batches:
+        stats = sstep(stats, b)
+    # The first layer sees the raw batches: its min / max are exactly the single-device ones.
+    jax.tree_util.tree_map(np.testing.assert_array_equal, stats["conv"], ref["quant_stats"]["conv"])
+
+
 def test_bad_arguments_and_custom_matmuls_are_clear_errors():
     class Custom(nn.Module):
         @nn.compact
