@@ -191,10 +191,11 @@ def _fq(a, qp, fmt, spec: DotSpec, grad_scale):
 
 def reference_dot(x: jax.Array, w: jax.Array, x_qp: QParams | None, w_qp: QParams | None,
                   spec: DotSpec) -> jax.Array:
-    """Float fake-quant reference ``fake_quant(x) @ fake_quant(kernel)`` (or the convolution),
-    with the operands in their own dtype and float32 accumulation: float32 ``[..., N]``."""
+    """Float fake-quant reference ``fake_quant(x) @ fake_quant(kernel)`` (or the convolution):
+    each operand quantized in its own dtype, the kernel's values then taken in ``x``'s
+    (compute) dtype, float32 accumulation: float32 ``[..., N]``."""
     x_hat = _fq(x, x_qp, spec.x_format, spec, spec.x_grad_scale)
-    w_hat = _fq(_split_kernel(w, spec), w_qp, spec.w_format, spec, spec.w_grad_scale)
+    w_hat = _fq(_split_kernel(w, spec), w_qp, spec.w_format, spec, spec.w_grad_scale).astype(x.dtype)
     if isinstance(spec, ConvSpec):
         return spec.conv(x_hat, w_hat, jnp.float32, lax.Precision.HIGHEST)
     if spec.group_size is not None:

@@ -93,6 +93,24 @@ def test_train_infer_and_converted_infer_agree_bit_for_bit(cfg):
     assert np.abs(np.asarray(train, np.float64) - ref).max() <= 1e-5 * np.abs(ref).max()
 
 
+@pytest.mark.parametrize("cfg", [CONFIGS[0], CONFIGS[4]], ids=["int8", "int4-weight-only"])
+@pytest.mark.parametrize("layer_dtype", [jnp.bfloat16, None], ids=["dtype-bf16", "dtype-None"])
+def test_bf16_compute_serves_the_codes_it_trained_with(cfg, layer_dtype):
+    """float32 params, bfloat16 inputs: the kernel is quantized in its stored precision, as
+    convert does, so the converted model equals train mode bit for bit (it did not when the
+    kernel was rounded to bf16 before quantization)."""
+    x = _x((5, 32), shift=0.5).astype(jnp.bfloat16)
+    layers = [QatDense(12, config=cfg, dtype=layer_dtype),
+              QatConv(6, (3, 3), config=cfg.replace(weight_granularity="per_channel"), dtype=layer_dtype)]
+    for layer, xin in zip(layers, (x, x.reshape(1, 5, 32, 1)[:, :, :8])):
+        v = layer.init(jax.random.key(2), xin)
+        train = layer.apply(v, xin, mode="train")
+        assert train.dtype == (jnp.bfloat16 if layer_dtype else jnp.float32)
+        np.testing.assert_array_equal(np.asarray(layer.apply(v, xin, mode="infer")), np.asarray(train))
+        served = layer.apply(qatjax.convert(v), xin, mode="infer")
+        np.testing.assert_array_equal(np.asarray(served), np.asarray(train))
+
+
 def _dense_reference(cfg, v, x):
     """float64 matmul of the fake-quantized operands, with min/max kernel parameters per output
     channel (or per block of input features within it) computed here with numpy."""

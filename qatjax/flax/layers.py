@@ -300,11 +300,23 @@ class _QuantLayer:
         if self.config.learnable_scales and self.config.weight_format is not None:
             self._learnable_kernel_scale(kernel, reset=False)
 
+    def _promote(self, inputs: jax.Array, kernel: jax.Array | None, bias: jax.Array | None
+                 ) -> tuple[jax.Array, jax.Array | None]:
+        """``inputs`` and ``bias`` in the compute dtype (``dtype``, else what the Flax layer
+        would promote inputs and params to). The kernel stays in its stored precision: it is
+        quantized from there, exactly as :func:`qatjax.convert` quantizes it, so that a bf16
+        model serves the codes it trained with (rounding the kernel to bf16 first would move
+        codes and scales)."""
+        kernel_dtype = self.param_dtype if kernel is None else kernel.dtype
+        dtype = self.dtype if self.dtype is not None else jnp.result_type(inputs.dtype, kernel_dtype)
+        inputs, bias = self.promote_dtype(inputs, bias, dtype=dtype)
+        return inputs, bias
+
     def _quantized_dense(self, inputs: jax.Array, kernel: jax.Array | None, bias: jax.Array | None,
                          mode: str, k_in: int, n_out: int) -> jax.Array:
         """Train / infer mode of a dense layer: ``inputs [..., K]``, ``kernel [K, N]`` (None once
         converted), ``bias [N]`` -> ``[..., N]`` in the compute dtype."""
-        inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+        inputs, bias = self._promote(inputs, kernel, bias)
         cfg = self.config
         per_scale = {"per_group": cfg.weight_group_size,
                      "per_tensor": k_in * n_out}.get(cfg.weight_granularity, k_in)
@@ -573,7 +585,7 @@ class QatConv(_QuantLayer, nn.Conv):
                 f"QatConv {self.path_str()}: inputs with {c_in} channels need a kernel of shape "
                 f"{kernel_shape}, but the stored kernel has shape {tuple(expected)}.")
         bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
-        inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+        inputs, bias = self._promote(inputs, kernel, bias)
         strides = _tuple(self.strides, n_sp)
         in_dil = _tuple(self.input_dilation, n_sp)
         k_dil = _tuple(self.kernel_dilation, n_sp)
