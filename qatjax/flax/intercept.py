@@ -31,8 +31,8 @@ __all__ = ["quantize_model"]
 
 Rules = Sequence[tuple[str, QatConfig | None]]
 
-# The float layer class -> (its qatjax twin, the attribute whose non-default value means a
-# custom matmul / convolution that qatjax would silently replace).
+# The float layer class -> (its qatjax twin, the attributes that, when not None, give the
+# layer a custom matmul / convolution that quantization would replace).
 _TWINS = {
     nn.Dense: (QatDense, ("dot_general", "dot_general_cls")),
     nn.DenseGeneral: (QatDenseGeneral, ("dot_general", "dot_general_cls")),
