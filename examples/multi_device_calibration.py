@@ -50,7 +50,14 @@ except ImportError:  # older jax
     from jax.experimental.shard_map import shard_map
 
 import qatjax
-from qatjax import QatConfig, digits
+from qatjax import QatConfig
+
+# The digits experiment (examples/digits_experiment.py) sits next to this file; run as a
+# script, its directory is already on sys.path, loaded from elsewhere (tests) it may not be.
+_EXAMPLES = os.path.dirname(os.path.abspath(__file__))
+if _EXAMPLES not in sys.path:
+    sys.path.insert(0, _EXAMPLES)
+import digits_experiment as digits  # noqa: E402
 
 
 def calibration_devices() -> list:

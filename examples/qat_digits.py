@@ -2,7 +2,7 @@
 
     pip install -e ".[examples]" && python examples/qat_digits.py
 
-What it does (the reusable pieces live in ``qatjax/digits.py``):
+What it does (the reusable pieces live in ``examples/digits_experiment.py``):
 
 1. Loads scikit-learn's bundled 8x8 digits (no download) with a fixed, seeded split
    (1257 train / 540 test images) and trains a float MLP 64-256-256-10 built from
@@ -43,8 +43,16 @@ import time
 
 import numpy as np
 
-from qatjax import QatConfig, digits
-from qatjax.config import ESTIMATORS
+from qatjax import QatConfig
+
+# The digits experiment (examples/digits_experiment.py) sits next to this file; run as a
+# script, its directory is already on sys.path, loaded from elsewhere (tests) it may not be.
+_EXAMPLES = os.path.dirname(os.path.abspath(__file__))
+if _EXAMPLES not in sys.path:
+    sys.path.insert(0, _EXAMPLES)
+import digits_experiment as digits  # noqa: E402
+
+ESTIMATORS = digits.ESTIMATORS
 
 # The layer whose input activations the histogram plot shows: the ReLU output of the
 # first hidden layer (heavy-tailed, so the estimators disagree).

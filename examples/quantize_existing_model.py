@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
 
 import flax.linen as nn
@@ -32,8 +33,15 @@ import numpy as np
 import optax
 
 import qatjax
-from qatjax import QatConfig, digits
+from qatjax import QatConfig
 from qatjax.flax import quant_mode, quantize_model
+
+# The digits experiment (examples/digits_experiment.py) sits next to this file; run as a
+# script, its directory is already on sys.path, loaded from elsewhere (tests) it may not be.
+_EXAMPLES = os.path.dirname(os.path.abspath(__file__))
+if _EXAMPLES not in sys.path:
+    sys.path.insert(0, _EXAMPLES)
+import digits_experiment as digits  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- the float model

@@ -4,7 +4,15 @@
 fp8 scaling state...) with ``flax.serialization`` msgpack to one file, atomically
 (a temporary file renamed into place) and never over an existing file unless asked,
 so nothing a user saved is lost or half-written. ``load`` reads such a file, or an
-orbax-checkpoint directory, back into a nested dict of arrays, bit for bit.
+orbax-checkpoint directory, back into a nested dict of arrays, bit for bit; given a
+``target`` (e.g. the variables of a freshly initialised model, or ``{"params": ...,
+"opt_state": ...}``) it restores the target's types as well -- observer states,
+``nn.with_partitioning`` boxes, FrozenDicts, optax states -- so that calibration and
+training resume where they stopped.
+
+Files carry a top-level ``"__qatjax__": {"version": CHECKPOINT_VERSION}`` entry next to
+the variables (files written before it have none and read the same); ``load`` never
+returns it.
 """
 
 from __future__ import annotations
@@ -17,7 +25,11 @@ import flax.serialization
 import jax
 import numpy as np
 
-__all__ = ["save", "load"]
+__all__ = ["save", "load", "CHECKPOINT_VERSION"]
+
+# Version of the file layout ``save`` writes (files without the metadata entry: 0).
+CHECKPOINT_VERSION = 1
+_META_KEY = "__qatjax__"
 
 
 def save(path: str | os.PathLike, variables: Mapping[str, Any], *, overwrite: bool = False) -> str:
@@ -35,6 +47,10 @@ def save(path: str | os.PathLike, variables: Mapping[str, Any], *, overwrite: bo
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"save: {path!r} exists; pass overwrite=True to replace it.")
     state = flax.serialization.to_state_dict(jax.device_get(variables))
+    if isinstance(state, dict):
+        if _META_KEY in state:
+            raise ValueError(f"save: {_META_KEY!r} is reserved for qatjax's checkpoint metadata.")
+        state = {**state, _META_KEY: {"version": CHECKPOINT_VERSION}}
     data = flax.serialization.msgpack_serialize(state)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
@@ -52,14 +68,25 @@ def save(path: str | os.PathLike, variables: Mapping[str, Any], *, overwrite: bo
     return path
 
 
-def load(path: str | os.PathLike) -> dict:
+def load(path: str | os.PathLike, target: Any = None) -> Any:
     """Reads variables saved by :func:`save` (a file) or by orbax-checkpoint (a directory).
 
+    Args:
+      path: the file or directory.
+      target: optional pytree the checkpoint was saved from (or one of the same
+        structure, e.g. a freshly initialised model's variables, or
+        ``jax.eval_shape``'s abstract arrays). Its containers and types are restored
+        with ``flax.serialization.from_state_dict``. Every entry of ``target`` must be
+        in the file, with the same shape and dtype; entries of the file that a dict of
+        ``target`` lacks (``quant_params/.../input_scale`` of a calibrated model loaded
+        into an uncalibrated one's variables) are kept as loaded.
     Returns:
-      A nested dict of numpy arrays.
+      Without ``target``, a nested dict of numpy arrays; with it, ``target``'s structure
+      holding the loaded numpy arrays.
     Raises:
       FileNotFoundError: if ``path`` does not exist.
-      ValueError: if the file is not a msgpack checkpoint.
+      ValueError: if the file is not a msgpack checkpoint, was written by a newer
+        qatjax, or does not match ``target`` (naming the first mismatching entry).
     """
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -68,13 +95,91 @@ def load(path: str | os.PathLike) -> dict:
         import orbax.checkpoint as ocp
 
         restored = ocp.StandardCheckpointer().restore(os.path.abspath(path))
-        return jax.tree_util.tree_map(np.asarray, restored)
-    with open(path, "rb") as f:
-        data = f.read()
-    try:
-        state = flax.serialization.msgpack_restore(data)
-    except Exception as e:  # msgpack raises several exception types on garbage
-        raise ValueError(f"load: {path!r} is not a qatjax/flax msgpack checkpoint ({e}).") from None
-    if not isinstance(state, Mapping):
-        raise ValueError(f"load: {path!r} does not hold a variables dict.")
-    return state
+        state = jax.tree_util.tree_map(np.asarray, restored)
+    else:
+        with open(path, "rb") as f:
+            data = f.read()
+        try:
+            state = flax.serialization.msgpack_restore(data)
+        except Exception as e:  # msgpack raises several exception types on garbage
+            raise ValueError(f"load: {path!r} is not a qatjax/flax msgpack checkpoint ({e}).") from None
+        if not isinstance(state, Mapping):
+            raise ValueError(f"load: {path!r} does not hold a variables dict.")
+        state = dict(state)
+        meta = state.pop(_META_KEY, None)
+        version = int(np.asarray(meta.get("version", 0))) if isinstance(meta, Mapping) else 0
+        if version > CHECKPOINT_VERSION:
+            raise ValueError(
+                f"load: {path!r} was written by a newer qatjax (checkpoint version {version}; "
+                f"this one reads up to {CHECKPOINT_VERSION}); upgrade qatjax.")
+    if target is None:
+        return state
+    return _restore(target, flax.serialization.to_state_dict(state), (), path)
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, Mapping):
+        keys = sorted(map(str, x))
+        shown = ", ".join(keys[:8]) + (", ..." if len(keys) > 8 else "")
+        return f"a subtree with keys [{shown}]"
+    if x is None:
+        return "None"
+    if hasattr(x, "shape") and hasattr(x, "dtype"):
+        return f"an array of shape {tuple(x.shape)} and dtype {np.dtype(x.dtype).name}"
+    return f"a {type(x).__name__} ({x!r})"
+
+
+def _mismatch(path: str, at: tuple[str, ...], expected: Any, found: Any) -> ValueError:
+    where = "/".join(at) or "<root>"
+    return ValueError(f"load: {path!r} does not match the target at {where}: expected "
+                      f"{_describe(expected)}, found {_describe(found)}.")
+
+
+def _check(expected: Any, found: Any, at: tuple[str, ...], path: str) -> None:
+    """Raises at the first entry (in ``expected``'s order) where ``found`` differs from the
+    target's state dict ``expected`` in structure, shape or dtype."""
+    if isinstance(expected, Mapping):
+        if not isinstance(found, Mapping):
+            raise _mismatch(path, at, expected, found)
+        for key, value in expected.items():
+            if key not in found:
+                where = "/".join(at + (key,))
+                raise ValueError(f"load: {path!r} does not match the target at {where}: "
+                                 f"expected {_describe(value)}, found no such entry.")
+            _check(value, found[key], at + (key,), path)
+        extra = [k for k in found if k not in expected]
+        if extra:
+            where = "/".join(at + (str(extra[0]),))
+            raise ValueError(f"load: {path!r} does not match the target at {where}: the target "
+                             f"has no such entry (expected only {_describe(expected)}).")
+        return
+    if isinstance(found, Mapping):
+        raise _mismatch(path, at, expected, found)
+    if expected is None:
+        if found is not None:
+            raise _mismatch(path, at, expected, found)
+        return
+    if hasattr(expected, "shape") and hasattr(expected, "dtype"):
+        if not (hasattr(found, "shape") and hasattr(found, "dtype")):
+            raise _mismatch(path, at, expected, found)
+        if tuple(expected.shape) != tuple(found.shape) or np.dtype(expected.dtype) != np.dtype(found.dtype):
+            raise _mismatch(path, at, expected, found)
+
+
+def _restore(target: Any, state: Any, at: tuple[str, ...], path: str) -> Any:
+    """``target``'s types around ``state``'s arrays. Dicts (and FrozenDicts) of the target
+    keep the file's extra entries; anything else must match exactly."""
+    if isinstance(target, Mapping) and isinstance(state, Mapping):
+        out = {}
+        for key, value in target.items():
+            if str(key) not in state:
+                where = "/".join(at + (str(key),))
+                raise ValueError(f"load: {path!r} does not match the target at {where}: expected "
+                                 f"{_describe(flax.serialization.to_state_dict(value))}, found no "
+                                 "such entry.")
+            out[key] = _restore(value, state[str(key)], at + (str(key),), path)
+        known = {str(key) for key in target}
+        out.update((key, value) for key, value in state.items() if key not in known)
+        return flax.core.FrozenDict(out) if isinstance(target, flax.core.FrozenDict) else out
+    _check(flax.serialization.to_state_dict(target), state, at, path)
+    return flax.serialization.from_state_dict(target, state, name="/".join(at))

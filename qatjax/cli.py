@@ -3,10 +3,14 @@
     qatjax run CONFIG [--quick] [--save PATH]   run a recipe on the digits experiment
     qatjax inspect CHECKPOINT                   per-layer quantization table of a saved model
 
-``run`` trains the float digits MLP (:mod:`qatjax.digits`), applies the recipe file
-(``configs/*.yaml``: ``recipe: ptq|qat``, ``description:``, ``quant:``), and prints the
-float row and the recipe's row. ``--save`` writes the recipe's variables (calibrated or
-trained, with their calibration statistics) with :func:`qatjax.checkpoint.save`.
+``run`` trains the float digits MLP, applies the recipe file (``configs/*.yaml``:
+``recipe: ptq|qat``, ``description:``, ``quant:``), and prints the float row and the
+recipe's row. ``--save`` writes the recipe's variables (calibrated or trained, with their
+calibration statistics) with :func:`qatjax.checkpoint.save`. The digits experiment is
+example code, not part of the package: ``run`` loads ``examples/digits_experiment.py``
+from ``--examples-dir``, else from ``$QATJAX_EXAMPLES_DIR``, else from the source checkout
+the package is installed from (``pip install -e ".[examples]"``), and needs the example
+dependencies (optax, scikit-learn, matplotlib, tqdm).
 
 ``inspect`` loads a checkpoint (:func:`qatjax.checkpoint.load`) and prints
 :func:`qatjax.quant_report`: layer path, formats, weight scale range, activation scale,
@@ -19,9 +23,12 @@ not a checkpoint) print one line on stderr and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
 
 __all__ = ["main", "build_parser"]
 
@@ -31,6 +38,12 @@ _EPILOG = """examples:
   qatjax inspect int8_qat.msgpack
 
 exit status: 0 success, 2 bad arguments, file or config."""
+
+# `qatjax run` runs the digits experiment, which is example code (examples/ of a source
+# checkout), not part of the package.
+EXPERIMENT_FILE = "digits_experiment.py"
+EXAMPLES_ENV = "QATJAX_EXAMPLES_DIR"
+_EXPERIMENT_MODULE = "digits_experiment"  # the name examples/*.py import it under
 
 
 class _UserError(Exception):
@@ -63,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="write the resulting variables to PATH (msgpack, qatjax.checkpoint); "
                           "PATH must not exist")
     run.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    run.add_argument("--examples-dir", metavar="DIR", default=None,
+                     help=f"directory holding {EXPERIMENT_FILE} (default: ${EXAMPLES_ENV}, else "
+                          "examples/ of the source checkout qatjax is installed from)")
 
     inspect = sub.add_parser(
         "inspect", help="print the per-layer quantization table of a saved model",
@@ -74,9 +90,61 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run(args: argparse.Namespace) -> None:
-    from qatjax import checkpoint, digits
+def _find_experiment(examples_dir: str | os.PathLike | None = None) -> Path:
+    """The path of ``digits_experiment.py``: in ``examples_dir`` if given, else in
+    ``$QATJAX_EXAMPLES_DIR`` if set, else in ``examples/`` next to the package directory
+    (a source checkout, as with ``pip install -e``). A user error names where it looked."""
+    if examples_dir is not None:
+        directory, source = Path(examples_dir), " (--examples-dir)"
+    elif os.environ.get(EXAMPLES_ENV):
+        directory, source = Path(os.environ[EXAMPLES_ENV]), f" (${EXAMPLES_ENV})"
+    else:
+        import qatjax
 
+        directory, source = Path(qatjax.__file__).resolve().parent.parent / "examples", ""
+    path = directory / EXPERIMENT_FILE
+    if not path.is_file():
+        raise _UserError(
+            f"`qatjax run` needs the digits experiment, which is example code, not part of the "
+            f"installed package: {EXPERIMENT_FILE} not found at {path}{source}. Use a source "
+            f"checkout of qatjax (pip install -e \".[examples]\" in it), or pass --examples-dir "
+            f"DIR (or set {EXAMPLES_ENV}) naming the checkout's examples/ directory.")
+    return path.resolve()
+
+
+def _load_experiment(examples_dir: str | os.PathLike | None = None) -> ModuleType:
+    """Imports ``digits_experiment.py`` (:func:`_find_experiment`) as module
+    ``digits_experiment``, the name the examples import it under; a copy of the same file
+    imported already is reused."""
+    path = _find_experiment(examples_dir)
+    loaded = sys.modules.get(_EXPERIMENT_MODULE)
+    if getattr(loaded, "__file__", None) and Path(loaded.__file__).resolve() == path:
+        return loaded
+    spec = importlib.util.spec_from_file_location(_EXPERIMENT_MODULE, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[_EXPERIMENT_MODULE] = module  # dataclasses (Flax modules) look their module up there
+    try:
+        spec.loader.exec_module(module)
+    except BaseException as e:
+        if loaded is None:
+            sys.modules.pop(_EXPERIMENT_MODULE, None)
+        else:
+            sys.modules[_EXPERIMENT_MODULE] = loaded
+        # A third-party module is missing: the example dependencies are not installed. (An
+        # ImportError from qatjax itself is a bug, and keeps its traceback.)
+        if isinstance(e, ModuleNotFoundError) and e.name and e.name.split(".")[0] != "qatjax":
+            raise _UserError(
+                f"cannot load {path}: no module named {e.name!r}; the digits experiment needs "
+                f"the example dependencies (optax, scikit-learn, matplotlib, tqdm): "
+                f"pip install -e \".[examples]\"") from None
+        raise
+    return module
+
+
+def _run(args: argparse.Namespace) -> None:
+    from qatjax import checkpoint
+
+    digits = _load_experiment(args.examples_dir)
     try:
         recipe = digits.load_recipe(args.config)
     except (FileNotFoundError, ValueError) as e:

@@ -16,6 +16,7 @@ import yaml
 
 from qatjax.fake_quant import STE_NAMES
 from qatjax.formats import Format, as_format
+from qatjax.quantizers import ActivationQuantizer, WeightQuantizer
 
 __all__ = ["QatConfig", "GRANULARITIES", "OBSERVERS", "ESTIMATORS", "FP8_SCALINGS"]
 
@@ -189,6 +190,25 @@ class QatConfig:
         """True when both operands are fp8 formats: the forward runs an fp8 dot_general."""
         return (self.weight_format is not None and self.activation_format is not None
                 and self.weight_format.is_float and self.activation_format.is_float)
+
+    def weight_quantizer(self) -> WeightQuantizer | None:
+        """The weight recipe as an operand quantizer (None for float weights)."""
+        if self.weight_format is None:
+            return None
+        group = self.weight_group_size if self.weight_granularity == "per_group" else None
+        return WeightQuantizer(self.weight_format, self.weight_granularity, group,
+                               self.weight_symmetric)
+
+    def activation_quantizer(self) -> ActivationQuantizer | None:
+        """The activation recipe as an operand quantizer (None for float activations)."""
+        if self.activation_format is None:
+            return None
+        static = self.activation_scaling == "static" and self.fp8_scaling is None
+        return ActivationQuantizer(
+            self.activation_format, self.activation_symmetric,
+            "static" if static else "dynamic", self.activation_granularity == "per_token",
+            self.activation_observer, self.activation_estimator, float(self.percentile),
+            self.num_bins, float(self.ema_momentum), self.learnable_scales)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (formats as names), the inverse of :meth:`from_dict`."""

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from qatjax.formats import FloatFormat
-from qatjax.integer import fp8_matmul
+from qatjax.integer import fp8_dot_general
 
 __all__ = [
     "AmaxHistory",
@@ -108,15 +108,16 @@ def fp8_dot(x, kernel, x_scale, w_scale, x_fmt, w_fmt, g_fmt, g_margin, axis_nam
       g_margin: margin of the gradient's current scaling.
       axis_name: mapped axis to reduce the gradient amax over (None: local).
     Returns:
-      float32 ``[..., N]`` = ``fp8_matmul(q(x), q(kernel).T) * x_scale * w_scale``.
+      float32 ``[..., N]`` = ``fp8_dot_general(q(x), q(kernel).T) * x_scale * w_scale``.
     """
     return _fp8_forward(x, kernel, x_scale, w_scale, x_fmt, w_fmt)[0]
 
 
 def dot_from_codes(qx: jax.Array, qw: jax.Array, x_scale: jax.Array, w_scale: jax.Array) -> jax.Array:
     """The forward of :func:`fp8_dot` on codes (shared by training and serving):
-    ``fp8_matmul(qx, qw) * (x_scale * w_scale)``, float32 ``[..., N]``."""
-    return fp8_matmul(qx, qw) * (x_scale * w_scale)
+    ``qx [..., K]`` times ``qw [N, K]`` (both contract their last axis), scaled by
+    ``x_scale * w_scale``: float32 ``[..., N]``."""
+    return fp8_dot_general(qx, qw, (((qx.ndim - 1,), (1,)), ((), ()))) * (x_scale * w_scale)
 
 
 def _fp8_forward(x, kernel, x_scale, w_scale, x_fmt, w_fmt):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import weakref
 from typing import Any, Callable, Iterable, Mapping
 
 import flax
@@ -23,7 +24,9 @@ from qatjax import fp8 as fp8_lib
 from qatjax.flax import specs
 from qatjax.flax.layers import _FINALIZE, quant_mode
 from qatjax.packing import pack_nibbles, unpack_nibbles
-from qatjax.qdot import DotSpec, dequantize_codes, from_serving, quantize_kernel, to_serving
+from qatjax.qdot import (ConvSpec, DotSpec, contracting_axes, decode_weight, encode_weight,
+                         from_serving)
+from qatjax.quantizers import WeightQuantizer
 from qatjax.qparams import QParams
 
 __all__ = [
@@ -122,18 +125,54 @@ def _freeze_kwargs(kwargs: Mapping[str, Any]) -> tuple:
     return tuple(sorted(kwargs.items()))
 
 
-@functools.lru_cache(maxsize=64)
 def _jitted_apply(model: nn.Module, mode: str, mutable: tuple[str, ...], kwargs: tuple) -> Callable:
     """A jitted ``model.apply`` in ``mode`` returning the updated collections, cached per
-    (model, mode, kwargs) so repeated calibrations of one model compile once."""
+    (model, mode, mutable, kwargs) so repeated calibrations of one model compile once.
 
+    Modules that cannot be hashed (an attribute such as a Hugging Face config, a dict or a
+    list) are cached by identity for as long as they live (a weak reference: the cache
+    keeps no module alive); unhashable ``kwargs`` values are not cached."""
+    try:
+        return _jitted_apply_by_value(model, mode, mutable, kwargs)
+    except TypeError:  # "Failed to hash Flax Module", or an unhashable kwargs value
+        pass
+    try:
+        hash((mode, mutable, kwargs))
+    except TypeError:
+        return _make_jitted_apply(lambda: model, mode, mutable, kwargs)
+    entry = _APPLY_BY_ID.get(id(model))
+    if entry is None or entry[0]() is not model:
+        try:
+            ref = weakref.ref(model, lambda _, key=id(model): _APPLY_BY_ID.pop(key, None))
+        except TypeError:  # not weakly referenceable: compile per call
+            return _make_jitted_apply(lambda: model, mode, mutable, kwargs)
+        entry = _APPLY_BY_ID[id(model)] = (ref, {})
+    ref, runs = entry
+    key = (mode, mutable, kwargs)
+    if key not in runs:
+        runs[key] = _make_jitted_apply(ref, mode, mutable, kwargs)
+    return runs[key]
+
+
+# id(module) -> (weak reference to it, {(mode, mutable, kwargs): jitted apply}).
+_APPLY_BY_ID: dict[int, tuple[weakref.ref, dict[tuple, Callable]]] = {}
+
+
+def _make_jitted_apply(get_model: Callable[[], nn.Module], mode: str, mutable: tuple[str, ...],
+                       kwargs: tuple) -> Callable:
     @jax.jit
     def run(v, args):
         with quant_mode(mode):
-            _, upd = model.apply(v, *args, mutable=list(mutable), **dict(kwargs))
+            _, upd = get_model().apply(v, *args, mutable=list(mutable), **dict(kwargs))
         return upd
 
     return run
+
+
+@functools.lru_cache(maxsize=64)
+def _jitted_apply_by_value(model: nn.Module, mode: str, mutable: tuple[str, ...], kwargs: tuple
+                           ) -> Callable:
+    return _make_jitted_apply(lambda: model, mode, mutable, kwargs)
 
 
 def _check_observed(stats: Mapping[str, Any], path: tuple[str, ...] = ()) -> None:
@@ -268,26 +307,38 @@ def _stack(results: list, stack: tuple[int, ...]) -> Any:
         lambda *xs: jnp.stack(xs).reshape(stack + jnp.shape(xs[0])), *results)
 
 
+def _layout(qp_tree: Mapping[str, Any], conv: bool) -> DotSpec:
+    """The static contraction a layer's descriptors describe (what the weight path needs:
+    formats, symmetry, groups, dense or conv)."""
+    fmt, _, group, sym = specs.parse_kernel_spec(qp_tree["kernel_spec"])
+    in_fmt, in_sym, _, _ = specs.parse_input_spec(qp_tree["input_spec"])
+    return (ConvSpec if conv else DotSpec)(in_fmt, fmt, in_sym, sym, group_size=group)
+
+
 def _serving_weights(layer: Mapping[str, Mapping[str, Any]], name: str
                      ) -> tuple[jax.Array, QParams, DotSpec]:
     """One (unstacked) layer's kernel codes (serving layout), serving-form parameters and
-    layout spec, computed exactly as train mode computes them (or read back when already
-    converted). ``name`` (the layer's path) is for error messages."""
+    contraction spec, from the weight path train mode runs (:func:`qatjax.qdot.encode_weight`),
+    or read back when already converted. ``name`` (the layer's path) is for error messages."""
     qp_tree, layer_params = layer["quant_params"], layer["params"]
     fmt, gran, group, sym = specs.parse_kernel_spec(qp_tree["kernel_spec"])
     if "kernel_codes" in qp_tree:
         codes = qp_tree["kernel_codes"]
-        spec = specs.layout_spec(fmt, group, codes.ndim > 2, sym)
+        spec = _layout(qp_tree, codes.ndim > 2)
         return codes, QParams(qp_tree["kernel_scale"], qp_tree["kernel_zero_point"]), spec
     if "kernel" not in layer_params:
         raise ValueError(f"layer {name}: no params/kernel and no kernel_codes.")
     kernel = jnp.asarray(layer_params["kernel"])
+    if "kernel_mask" in qp_tree:  # QatConv(mask=...): the kernel as the layer uses it
+        kernel = kernel * jnp.asarray(qp_tree["kernel_mask"], kernel.dtype)
     if "dense_general_spec" in qp_tree:  # QatDenseGeneral: the dense [K, N] it stands for
         n_in, shape = specs.parse_dense_general_spec(qp_tree["dense_general_spec"])
         kernel = kernel.reshape(int(np.prod(shape[:n_in])), -1)
-    fp8_scaling, margin = (int(v) for v in np.asarray(qp_tree.get("fp8_spec", (0, 0))))
+    spec = _layout(qp_tree, kernel.ndim > 2)
+    fp8_scaling, margin = (specs.parse_fp8_spec(qp_tree["fp8_spec"]) if "fp8_spec" in qp_tree
+                           else (None, 0))
     delayed_scale = None
-    if fp8_scaling == 2:
+    if fp8_scaling == "delayed":
         meta = layer["fp8_meta"]
         if "kernel_scale" not in meta:
             raise ValueError(f"layer {name}: delayed fp8 scaling state (fp8_meta) is missing.")
@@ -296,31 +347,27 @@ def _serving_weights(layer: Mapping[str, Mapping[str, Any]], name: str
     if "kernel_scale" in layer_params:  # LSQ-learned, stored in serving form
         scale = layer_params["kernel_scale"]
         learned = (scale, layer_params.get("kernel_zero_point", jnp.zeros_like(scale)))
-    codes, serving = _codes_and_serving(kernel, learned, delayed_scale, fmt=fmt, gran=gran,
-                                        group=group, sym=sym, fp8_scaling=fp8_scaling,
-                                        margin=margin)
-    return codes, serving, specs.layout_spec(fmt, group, kernel.ndim > 2, sym)
+    codes, serving = _codes_and_serving(kernel, learned, delayed_scale, spec=spec, gran=gran,
+                                        fp8_scaling=fp8_scaling, margin=margin)
+    return codes, serving, spec
 
 
-@functools.partial(jax.jit, static_argnames=("fmt", "gran", "group", "sym", "fp8_scaling", "margin"))
-def _codes_and_serving(kernel, learned, delayed_scale, *, fmt, gran, group, sym, fp8_scaling,
+@functools.partial(jax.jit, static_argnames=("spec", "gran", "fp8_scaling", "margin"))
+def _codes_and_serving(kernel, learned, delayed_scale, *, spec, gran, fp8_scaling,
                        margin) -> tuple[jax.Array, QParams]:
     """Kernel codes and serving-form parameters, one compiled computation per layer kind."""
-    spec = specs.layout_spec(fmt, group, kernel.ndim > 2, sym)
-    if fp8_scaling == 2:  # the fp8 training recipe: one scale, from the delayed history...
+    fmt = spec.w_format
+    if fp8_scaling == "delayed":  # the fp8 training recipe: one scale, from the history...
         w_qp = QParams(delayed_scale, jnp.zeros((), jnp.int32))
-    elif fp8_scaling == 1:  # ... or from the current amax
+    elif fp8_scaling == "current":  # ... or from the current amax
         w_qp = QParams(fp8_lib.scale_from_amax(fp8_lib.amax(kernel), fmt, margin,
                                                jnp.ones((), jnp.float32)), jnp.zeros((), jnp.int32))
     elif learned is not None:
         w_qp = QParams(*(from_serving(a, spec, kernel.ndim) for a in learned))
     else:
-        w_qp = specs.weight_qparams_for(kernel, fmt, gran, group, sym)
-    codes = quantize_kernel(kernel, w_qp, spec)
-    serving = QParams(jnp.asarray(to_serving(w_qp.scale, spec), jnp.float32),
-                      jnp.round(jnp.asarray(to_serving(w_qp.zero_point, spec), jnp.float32)
-                                ).astype(jnp.int32))
-    return codes, serving
+        w_qp = WeightQuantizer(fmt, gran, spec.group_size, spec.w_symmetric).qparams(
+            kernel, contracting_axes(spec, kernel.ndim))
+    return encode_weight(kernel, w_qp, spec)
 
 
 def _saturation(state: Any, lo: float, hi: float, signed: bool) -> tuple[float | None, int]:
@@ -451,9 +498,12 @@ def quantize_model_weights(variables: Variables, *, pack: bool = True) -> dict:
     "params": <params without the quantized kernels>}``. Codes of formats of 4 bits or
     fewer are packed two per byte along the last axis when ``pack`` is True. ``shape``
     is the kernel's shape in the Flax layout (``[K, N]`` for dense), ``in_ndim`` how many
-    of its leading axes are contracted (the codes are ``[N, K]`` then; 0: a convolution,
-    whose codes keep the kernel's layout), ``spec`` the layer's ``kernel_spec``. Layers stacked by ``nn.scan`` / ``nn.vmap`` keep their leading axes
-    on every entry.
+    of its leading axes are contracted (0: a convolution), ``transposed`` whether the codes
+    are the dense ``[N, K]`` (the layout of integer x integer and fp8 x fp8 layers; other
+    dense layers, and convolutions, keep the kernel's layout, the dense ones as
+    ``[K, N]``), ``spec`` the layer's ``kernel_spec``. Serving parameters are ``()``,
+    ``[N]`` and, per group, ``[N, G]`` when transposed, else ``[G, N]``. Layers stacked by
+    ``nn.scan`` / ``nn.vmap`` keep their leading axes on every entry.
     """
     served = nn.meta.unbox(convert(variables))
     layers = {}
@@ -465,12 +515,13 @@ def quantize_model_weights(variables: Variables, *, pack: bool = True) -> dict:
         do_pack = pack and not fmt.is_float and fmt.bits <= 4
         stack = specs.stack_shape(qp_tree["kernel_spec"])
         layout = codes.shape[len(stack):]
+        transposed = _layout(qp_tree, len(layout) > 2).serving_perm(len(layout)) == (1, 0)
         if "dense_general_spec" in qp_tree:
             in_ndim, shape = specs.parse_dense_general_spec(qp_tree["dense_general_spec"])
         elif len(layout) > 2:  # convolution: the codes keep the kernel's layout
             in_ndim, shape = 0, layout
         else:
-            in_ndim, shape = 1, layout[::-1]
+            in_ndim, shape = 1, layout[::-1] if transposed else layout
         flax_shape = stack + shape
         layers["/".join(path)] = {
             "codes": pack_nibbles(codes) if do_pack else codes,
@@ -479,6 +530,7 @@ def quantize_model_weights(variables: Variables, *, pack: bool = True) -> dict:
             "spec": qp_tree["kernel_spec"],
             "shape": jnp.asarray(flax_shape, jnp.int32),
             "in_ndim": jnp.asarray(in_ndim, jnp.int32),
+            "transposed": jnp.asarray(transposed),
             "packed": jnp.asarray(do_pack),
         }
     return {"layers": layers, "params": served.get("params", {})}
@@ -499,15 +551,21 @@ def dequantize_weights(exported: Mapping[str, Any]) -> dict:
         in_ndim = int(np.asarray(entry["in_ndim"])) if "in_ndim" in entry else (0 if len(shape) > 2 else 1)
         conv = in_ndim == 0
         k_in = int(np.prod(shape[:in_ndim]))
-        layout_shape = shape if conv else (int(np.prod(shape)) // k_in, k_in)
-        spec = specs.layout_spec(fmt, group, conv)
+        # Exports without `transposed` (before it existed) hold every dense kernel as [N, K].
+        transposed = bool(np.asarray(entry.get("transposed", not conv)))
+        flat = shape if conv else (k_in, int(np.prod(shape)) // k_in)
+        layout_shape = flat[::-1] if transposed else flat
+        spec = (ConvSpec if conv else DotSpec)(None, fmt, group_size=group)  # kernel layout
         kernels = []
         for idx in np.ndindex(*stack):
             codes = entry["codes"][idx]
             if bool(np.asarray(entry["packed"])):
                 codes = unpack_nibbles(codes, layout_shape[-1], fmt.signed)
-            w = dequantize_codes(codes, QParams(entry["scale"][idx], entry["zero_point"][idx]), spec)
-            kernels.append(w if conv else w.T.reshape(shape))
+            serving = QParams(entry["scale"][idx], entry["zero_point"][idx])
+            if transposed:  # [N, K] codes, [N, G] parameters -> the kernel layout
+                codes = codes.T
+                serving = QParams(*(jnp.asarray(a).T for a in serving))
+            kernels.append(decode_weight(codes, serving, spec).reshape(shape))
         w = _stack(kernels, stack)
         node = params
         for k in (key.split("/") if key else ()):

@@ -1,38 +1,46 @@
-"""The quantized dot product of a layer: what you train is what you serve.
+"""Quantized contractions: ``quantized_dot_general``, ``quantized_einsum`` and the
+convolution, with one weight path. What you train is what you serve.
 
-``quantized_dot(x, kernel, x_qp, w_qp, spec)`` computes ``x @ kernel`` with both
-operands quantized. When both formats are integer (or both fp8) its forward pass
-runs the real low-precision matmul of :mod:`qatjax.integer` on the codes -- the
-same function (:func:`dot_from_codes`) the serving path runs on stored codes, so
-training and serving outputs are bit-identical. Its backward pass is the
-straight-through estimator, computed from the forward's codes: ``dx = (g @ w_hat.T)
-* mask_x`` and ``dw = (x_hat.T @ g) * mask_w``, with ``x_hat``, ``w_hat`` the
-dequantized codes and the masks those of the chosen estimator (skipped when provably
-all ones). The residuals kept for the backward are the forward's 1-byte codes and
-their parameters -- a quarter of float training's activation memory, and no second
-quantization. With LSQ the backward
-is the vector-Jacobian product of the float reference :func:`reference_dot`, which
-also gives the scale and zero-point gradients.
+``quantized_dot_general(lhs, rhs, dimension_numbers, lhs_qp, rhs_qp, spec)`` computes
+``lax.dot_general(lhs, rhs, dimension_numbers)`` with both operands quantized (either
+may be a weight or an activation: attention's ``Q K^T`` and ``A V`` quantize two
+activations). When both formats are integer (or both fp8) its forward pass runs the
+real low-precision contraction of :mod:`qatjax.integer` on the codes -- the same
+function (:func:`dot_from_codes`) the serving path runs on stored codes, so training
+and serving outputs are bit-identical. Other combinations (weight-only, int x fp8,
+activation-only) compute the float contraction of the dequantized codes, again from
+the same codes in training and serving. The backward pass is the straight-through
+estimator, computed from the forward's codes: the vector-Jacobian product of
+``dot_general(lhs_hat, rhs_hat)`` with ``lhs_hat``, ``rhs_hat`` the dequantized codes,
+times the masks of the chosen estimator (skipped when provably all ones). The residuals
+kept for the backward are the forward's 1-byte codes and their parameters -- a quarter
+of float training's activation memory, and no second quantization. With LSQ the
+backward is the vector-Jacobian product of the float reference :func:`reference_dot`,
+which also gives the scale and zero-point gradients.
 
-Layouts (dense):
+Parameters (``QParams``) are in *operand form*: a scalar (per tensor) or an array of
+the operand's rank that is constant (size 1) along its contracting axes -- per row
+(per token), per output channel, per head... -- since only such a scale factors out of
+the integer sum. Per-group weights (``spec.group_size``, one contracting axis ``c``)
+take parameters that broadcast against the operand split at ``c`` into ``(G, g)``:
+size 1 on ``g``; each group then accumulates separately.
 
-* ``x`` ``[..., K]``; ``kernel`` ``[K, N]`` (Flax's layout). The kernel is quantized
-  in place -- parameters broadcast against it: ``()``, ``[1, N]`` per channel, or
-  ``[G, 1, N]`` per group against the kernel split into ``[G, g, N]`` -- and its
-  1-byte codes are then transposed to ``[N, K]``, the serving layout in which both
-  operands contract their last axis (2x the bf16 rate for int8 / fp8 on Hopper).
-* serving parameters (stored with the codes): ``()``, ``[N]`` or ``[N, G]``.
-
-Convolutions (:class:`ConvSpec`) keep the kernel's own ``[*window, C_in, C_out]``
-layout; parameters ``()`` or ``[1, ..., 1, C_out]``, stored as ``()`` or ``[C_out]``.
-Activation parameters are per-tensor scalars, or (dense) per-row ``[..., 1]``: a scale
-that is constant along the contraction axis factors out of the integer sum.
+The weight path (:func:`encode_weight`): kernel -> codes in the *serving layout* and
+*serving parameters* (scale float32, zero point int32 rounded, squeezed of their
+contracting axes). Train, infer, :func:`qatjax.convert` and export all call it. Serving
+layouts: a dense kernel ``[K, N]`` (``spec.dimension_numbers`` None) of a native
+contraction is served as ``[N, K]`` with parameters ``()``, ``[N]`` or ``[N, G]`` (both
+GEMM operands contract their last axis: 2x the bf16 rate for int8 / fp8 on Hopper);
+other kernels -- weight-only and mixed formats, einsum kernels, convolution kernels
+``[*window, C_in, C_out]`` -- keep their own layout (parameters with the contracting
+axes squeezed: ``[N]``, ``[G, N]``, conv ``()`` or ``[C_out]``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import string
 
 import jax
 import jax.numpy as jnp
@@ -41,17 +49,23 @@ from jax import lax
 
 from qatjax.fake_quant import dequantize, fake_quant, quantize, ste_mask
 from qatjax.formats import Format
-from qatjax.integer import check_contraction, fp8_matmul, int_matmul, signed_codes
+from qatjax.integer import (DimensionNumbers, canonical_dims, check_contraction, fp8_dot_general,
+                            free_axes, int_dot_general, signed_codes, to_output)
 from qatjax.qparams import QParams, merge_groups, split_groups
 
 __all__ = [
     "DotSpec",
     "ConvSpec",
+    "quantized_dot_general",
+    "quantized_einsum",
+    "einsum_dimension_numbers",
+    "contracting_axes",
     "quantized_dot",
     "dot_from_codes",
+    "serve",
     "reference_dot",
-    "quantize_kernel",
-    "dequantize_codes",
+    "encode_weight",
+    "decode_weight",
     "to_serving",
     "from_serving",
 ]
@@ -59,21 +73,24 @@ __all__ = [
 
 @dataclasses.dataclass(frozen=True)
 class DotSpec:
-    """Static description of a quantized dot product.
+    """Static description of a quantized contraction ``lhs . rhs`` (``x`` is the lhs, ``w``
+    the rhs: usually the activation and the kernel).
 
     Attributes:
-      x_format / w_format: formats of the activation and weight (None: float).
+      x_format / w_format: formats of the lhs and rhs (None: float).
       x_symmetric / w_symmetric: whether the zero points are 0 (bounds int32 overflow).
       ste: straight-through estimator of the backward pass.
-      group_size: per-group weights: block size along K (None otherwise).
+      group_size: per-group rhs: block size along its (single) contracting axis.
       x_grad_scale / w_grad_scale: LSQ gradient scales (None: 1).
       x_mask / w_mask: whether the clipped estimator needs the operand's mask; False when
         the caller knows no code can clip (symmetric integer parameters from the tensor's
         own absmax), which saves a pass over the tensor.
-      original_residuals: the backward's matmuls take the float ``x`` and kernel instead of
+      original_residuals: the backward's contractions take the float operands instead of
         their dequantized codes (Qwix's default for forward-only quantization): cheaper
         (no dequantization) but float residuals, and not the gradient of the fake-quant
-        forward. Native matmuls with the identity or clipped estimator only.
+        forward. Native contractions with the identity or clipped estimator only.
+      dimension_numbers: ``lax.dot_general`` dimension numbers; None: dense, ``x [..., K]``
+        with a kernel ``[K, N]`` (served transposed, ``[N, K]``).
     """
 
     x_format: Format | None
@@ -87,10 +104,11 @@ class DotSpec:
     x_mask: bool = True
     w_mask: bool = True
     original_residuals: bool = False
+    dimension_numbers: DimensionNumbers | None = None
 
     @property
     def native(self) -> str | None:
-        """``"int"`` or ``"fp8"`` when the forward runs a low-precision matmul, else None."""
+        """``"int"`` or ``"fp8"`` when the forward runs a low-precision contraction, else None."""
         if self.x_format is None or self.w_format is None:
             return None
         if not self.x_format.is_float and not self.w_format.is_float:
@@ -99,13 +117,32 @@ class DotSpec:
             return "fp8"
         return None
 
+    def dims(self, x_ndim: int, w_ndim: int) -> DimensionNumbers:
+        """The contraction in the operands' own (kernel) layouts."""
+        if self.dimension_numbers is None:
+            return ((x_ndim - 1,), (0,)), ((), ())
+        return canonical_dims(self.dimension_numbers, x_ndim, w_ndim)
+
+    def serving_perm(self, w_ndim: int) -> tuple[int, ...]:
+        """Axis permutation from the kernel layout to the serving layout of the rhs codes.
+
+        Dense kernels of a native (int x int, fp8 x fp8) contraction serve as ``[N, K]``;
+        every other kernel keeps its layout: a float contraction of dequantized codes gives
+        the same bits in training and serving only when both read the rhs in one layout.
+        """
+        if (self.dimension_numbers is None and not isinstance(self, ConvSpec)
+                and self.native is not None):
+            return (1, 0)
+        return tuple(range(w_ndim))
+
 
 @dataclasses.dataclass(frozen=True)
 class ConvSpec(DotSpec):
     """A quantized convolution: the weight is ``[*window, C_in / groups, C_out]`` (HWIO) and
     the input is already padded (``"VALID"`` convolution), so padded positions hold real
     zeros, whose code is the zero point: every window then needs the same closed-form
-    correction ``- za * sum(window of b)``. Weights must be symmetric (``zb = 0``).
+    correction ``- za * sum(window of b)`` (and ``- zb * sum(window of a)`` for weights
+    with a zero point, uint8 codes included).
 
     Attributes (beyond :class:`DotSpec`): ``strides``, ``rhs_dilation``,
     ``feature_group_count``, ``dimension_numbers`` as for ``lax.conv_general_dilated``.
@@ -123,60 +160,174 @@ class ConvSpec(DotSpec):
             feature_group_count=self.feature_group_count,
             precision=precision, preferred_element_type=preferred_element_type)
 
+    def dims(self, x_ndim: int, w_ndim: int) -> DimensionNumbers:
+        """Contracting axes of the kernel (every axis but the output channels)."""
+        return (((), tuple(range(w_ndim - 1))), ((), ()))
+
 
 # ----------------------------------------------------------------------------- layouts
 
 
-def _split_kernel(w: jax.Array, spec: DotSpec) -> jax.Array:
-    """Dense kernel ``[K, N]`` -> ``[G, g, N]`` for per-group parameters (else unchanged)."""
-    return w if spec.group_size is None else split_groups(w, 0, spec.group_size)
+def _rhs_axes(spec: DotSpec, w_ndim: int) -> tuple[int, ...]:
+    """The contracting axes of the rhs (kernel layout)."""
+    if isinstance(spec, ConvSpec):
+        return tuple(range(w_ndim - 1))
+    if spec.dimension_numbers is None:
+        return (0,)
+    (_, rc), _ = spec.dimension_numbers
+    return tuple(a % w_ndim for a in ((rc,) if isinstance(rc, int) else rc))
 
 
-def to_serving(a: jax.Array, spec: DotSpec) -> jax.Array:
-    """Kernel-form parameter -> serving form (``()``, ``[N]``, ``[N, G]``, conv ``[C_out]``)."""
+def contracting_axes(spec: DotSpec, ndim: int, side: str = "rhs") -> tuple[int, ...]:
+    """The contracting axes of the ``"lhs"`` (rank ``ndim``) or ``"rhs"`` (kernel layout)
+    operand: the axes along which its parameters must be constant. A convolution's input
+    contracts its channels (and windows, which no parameter can vary along)."""
+    if side == "rhs":
+        return _rhs_axes(spec, ndim)
+    if isinstance(spec, ConvSpec) or spec.dimension_numbers is None:
+        return (ndim - 1,)
+    (lc, _), _ = spec.dimension_numbers
+    return tuple(a % ndim for a in ((lc,) if isinstance(lc, int) else lc))
+
+
+def _group_axis(spec: DotSpec, w_ndim: int) -> int:
+    """The rhs contracting axis that per-group parameters split."""
+    axes = _rhs_axes(spec, w_ndim)
+    if len(axes) != 1:
+        raise ValueError(f"per-group quantization needs exactly one contracting axis on the rhs, "
+                         f"got {axes}.")
+    return axes[0]
+
+
+def _split(w: jax.Array, spec: DotSpec, axis: int | None = None) -> jax.Array:
+    """``w`` split at its (group) contracting axis into ``(G, g)``; unchanged when not grouped."""
+    if spec.group_size is None:
+        return w
+    return split_groups(w, _group_axis(spec, w.ndim) if axis is None else axis, spec.group_size)
+
+
+def _merge(w: jax.Array, spec: DotSpec, axis: int) -> jax.Array:
+    return w if spec.group_size is None else merge_groups(w, axis)
+
+
+def _squeezed_axes(spec: DotSpec, w_ndim: int) -> tuple[int, ...]:
+    """Axes of a kernel-form parameter that the serving form drops (size 1 there)."""
+    if spec.group_size is not None:
+        return (_group_axis(spec, w_ndim) + 1,)  # the group members
+    return _rhs_axes(spec, w_ndim)
+
+
+def to_serving(a: jax.Array, spec: DotSpec, w_ndim: int = 2) -> jax.Array:
+    """Kernel-form parameter -> serving form: its contracting axes (the group members when
+    grouped) squeezed, the rest in the serving layout's order (dense ``[N]`` / ``[N, G]``,
+    conv ``[C_out]``, einsum kernels the kernel's non-contracting axes)."""
     a = jnp.asarray(a)
     if a.ndim == 0:
         return a
-    if isinstance(spec, ConvSpec):
-        return a.reshape(-1)
-    if spec.group_size is None:
-        return a.reshape(-1)  # [1, N] -> [N]
-    return a[:, 0, :].T  # [G, 1, N] -> [N, G]
+    squeeze = _squeezed_axes(spec, w_ndim)
+    a = jnp.squeeze(a, squeeze)
+    return jnp.transpose(a, _kept_perm(spec, w_ndim))
 
 
-def from_serving(a: jax.Array, spec: DotSpec, kernel_ndim: int = 2) -> jax.Array:
+def from_serving(a: jax.Array, spec: DotSpec, w_ndim: int = 2) -> jax.Array:
     """Serving-form parameter -> kernel form (broadcasts against the kernel, or its split)."""
     a = jnp.asarray(a)
     if a.ndim == 0:
         return a
-    if isinstance(spec, ConvSpec):
-        return a.reshape((1,) * (kernel_ndim - 1) + (-1,))
+    a = jnp.transpose(a, np.argsort(_kept_perm(spec, w_ndim)))
+    return jnp.expand_dims(a, _squeezed_axes(spec, w_ndim))
+
+
+def _kept_perm(spec: DotSpec, w_ndim: int) -> tuple[int, ...]:
+    """The serving permutation restricted to the axes a serving-form parameter keeps."""
+    grouped = spec.group_size is not None
+    kept = [a for a in range(w_ndim) if grouped or a not in _rhs_axes(spec, w_ndim)]
+    order = [a for a in spec.serving_perm(w_ndim) if a in kept]
+    return tuple(kept.index(a) for a in order)
+
+
+def _operand_form(a: jax.Array, spec: DotSpec, w_ndim: int, perm: tuple[int, ...]) -> jax.Array:
+    """Serving-form parameter -> operand form in the layout ``perm`` of the kernel."""
+    return _permute_param(from_serving(a, spec, w_ndim), spec, w_ndim, perm)
+
+
+def _permute_param(a: jax.Array, spec: DotSpec, w_ndim: int, perm: tuple[int, ...]) -> jax.Array:
+    """Kernel-form parameter -> operand form in the kernel layout permuted by ``perm``."""
+    a = jnp.asarray(a)
+    if a.ndim == 0 or perm == tuple(range(w_ndim)):
+        return a
     if spec.group_size is None:
-        return a[None, :]  # [N] -> [1, N]
-    return a.T[:, None, :]  # [N, G] -> [G, 1, N]
+        return jnp.transpose(a, perm)
+    c = _group_axis(spec, w_ndim)  # the split form has the extra axis c + 1
+    split_perm = []
+    for p in perm:
+        split_perm += [p] if p < c else ([c, c + 1] if p == c else [p + 1])
+    return jnp.transpose(a, split_perm)
 
 
-def quantize_kernel(w: jax.Array, w_qp: QParams, spec: DotSpec) -> jax.Array:
-    """Codes of the kernel in the serving layout: dense ``[N, K]``, conv the kernel's own.
+def _permuted_dims(dims: DimensionNumbers, perm: tuple[int, ...]) -> DimensionNumbers:
+    """Dimension numbers after the rhs is transposed by ``perm``."""
+    (lc, rc), (lb, rb) = dims
+    where = {a: i for i, a in enumerate(perm)}
+    return (lc, tuple(where[a] for a in rc)), (lb, tuple(where[a] for a in rb))
 
-    The kernel is quantized in its own layout; only the 1-byte codes are transposed.
+
+def encode_weight(w: jax.Array, w_qp: QParams, spec: DotSpec) -> tuple[jax.Array, QParams]:
+    """The weight path: ``(codes, serving parameters)`` of a kernel.
+
+    Train mode, infer mode, :func:`qatjax.convert` and export all call this, so they
+    serve the same codes by construction.
+
+    Args:
+      w: the kernel as the layer uses it (after any mask), in its stored dtype.
+      w_qp: kernel-form parameters (broadcast against ``w``, or its group split).
+      spec: the contraction.
+    Returns:
+      codes in the serving layout (1-byte dtype of the format) and serving-form
+      parameters: float32 scale, int32 zero point (rounded).
     """
     q = _kernel_codes(w, w_qp, spec)
-    return q if isinstance(spec, ConvSpec) else q.T
+    codes = jnp.transpose(q, spec.serving_perm(w.ndim))
+    serving = QParams(jnp.asarray(to_serving(w_qp.scale, spec, w.ndim), jnp.float32),
+                      jnp.round(jnp.asarray(to_serving(w_qp.zero_point, spec, w.ndim), jnp.float32)
+                                ).astype(jnp.int32))
+    return codes, serving
 
 
-def dequantize_codes(qw: jax.Array, w_serving: QParams, spec: DotSpec,
-                     dtype: jnp.dtype = jnp.float32) -> jax.Array:
-    """Weight values ``(codes - zero_point) * scale`` in the codes' (serving) layout."""
-    if isinstance(spec, ConvSpec):
-        return dequantize(qw, QParams(*(from_serving(a, spec, qw.ndim) for a in w_serving)), dtype)
+def decode_weight(codes: jax.Array, serving: QParams, spec: DotSpec,
+                  dtype: jnp.dtype = jnp.float32) -> jax.Array:
+    """Inverse of :func:`encode_weight`: the dequantized kernel ``(codes - zp) * scale`` in
+    the kernel's layout."""
+    perm = spec.serving_perm(codes.ndim)
+    inverse = tuple(int(i) for i in np.argsort(perm))
+    q = jnp.transpose(codes, inverse)
+    w_qp = QParams(*(from_serving(a, spec, q.ndim) for a in serving))
+    return _decode_kernel(q, w_qp, spec, dtype)
+
+
+def _kernel_codes(w, w_qp, spec: DotSpec) -> jax.Array:
+    """Kernel codes in the kernel's layout."""
+    q = quantize(_split(w, spec), w_qp, spec.w_format)
+    return _merge(q, spec, _group_axis(spec, w.ndim) if spec.group_size is not None else 0)
+
+
+def _decode_kernel(q: jax.Array, w_qp: QParams, spec: DotSpec, dtype) -> jax.Array:
+    """Dequantized kernel-layout codes (kernel-form parameters)."""
     if spec.group_size is None:
-        return dequantize(qw, QParams(*(jnp.asarray(a)[..., None] if jnp.ndim(a) else a
-                                        for a in w_serving)), dtype)
-    g = split_groups(qw, 1, spec.group_size)  # [N, G, g]
-    w = dequantize(g, QParams(*(jnp.asarray(a)[..., None] if jnp.ndim(a) else a
-                                for a in w_serving)), dtype)
-    return merge_groups(w, 1)
+        return dequantize(q, w_qp, dtype)
+    c = _group_axis(spec, q.ndim)
+    return merge_groups(dequantize(split_groups(q, c, spec.group_size), w_qp, dtype), c)
+
+
+def _rounded(qp: QParams | None) -> QParams | None:
+    """Parameters as the codes use them: the zero point rounded to an integer (torch's
+    ``round(zero_point)`` of learned zero points)."""
+    if qp is None:
+        return None
+    zp = jnp.asarray(qp.zero_point)
+    if jnp.issubdtype(zp.dtype, jnp.floating):
+        zp = jnp.round(zp).astype(jnp.int32)
+    return QParams(qp.scale, zp)
 
 
 # ----------------------------------------------------------------------------- forward
@@ -191,57 +342,38 @@ def _fq(a, qp, fmt, spec: DotSpec, grad_scale):
 
 def reference_dot(x: jax.Array, w: jax.Array, x_qp: QParams | None, w_qp: QParams | None,
                   spec: DotSpec) -> jax.Array:
-    """Float fake-quant reference ``fake_quant(x) @ fake_quant(kernel)`` (or the convolution):
-    each operand quantized in its own dtype, the kernel's values then taken in ``x``'s
-    (compute) dtype, float32 accumulation: float32 ``[..., N]``."""
+    """Float fake-quant reference ``dot_general(fake_quant(x), fake_quant(w))`` (or the
+    convolution): each operand quantized in its own dtype, the rhs values then taken in
+    ``x``'s (compute) dtype, float32 accumulation at the highest precision: float32 in
+    ``lax.dot_general``'s output layout."""
     x_hat = _fq(x, x_qp, spec.x_format, spec, spec.x_grad_scale)
-    w_hat = _fq(_split_kernel(w, spec), w_qp, spec.w_format, spec, spec.w_grad_scale).astype(x.dtype)
+    w_hat = _fq(_split(w, spec), w_qp, spec.w_format, spec, spec.w_grad_scale).astype(x.dtype)
     if isinstance(spec, ConvSpec):
         return spec.conv(x_hat, w_hat, jnp.float32, lax.Precision.HIGHEST)
-    if spec.group_size is not None:
-        w_hat = merge_groups(w_hat, 0)
-    dims = (((x.ndim - 1,), (0,)), ((), ()))
-    return lax.dot_general(x_hat, w_hat, dims, precision=lax.Precision.HIGHEST,
+    w_hat = _merge(w_hat, spec, _group_axis(spec, w.ndim) if spec.group_size is not None else 0)
+    return lax.dot_general(x_hat, w_hat, spec.dims(x.ndim, w.ndim), precision=lax.Precision.HIGHEST,
                            preferred_element_type=jnp.float32)
 
 
-def dot_from_codes(qx: jax.Array, qw: jax.Array, x_qp: QParams, w_serving: QParams,
-                   spec: DotSpec, *, kernel_layout: bool = False) -> jax.Array:
-    """The low-precision forward on codes: float32 ``[..., N]``.
+def dot_from_codes(qx: jax.Array, qw: jax.Array, x_qp: QParams | None, w_serving: QParams | None,
+                   spec: DotSpec) -> jax.Array:
+    """The forward on codes, shared by training and serving: float32 in
+    ``lax.dot_general``'s output layout (conv: ``[N, *spatial', C_out]``).
 
     Args:
-      qx: activation codes ``[..., K]`` (conv: the padded input's codes).
-      qw: weight codes in the serving layout (``[N, K]``; conv ``[*window, C_in, C_out]``),
-        or in the kernel's ``[K, N]`` when ``kernel_layout`` (integer, ungrouped only: the
-        int32 accumulation is exact, so the result is the same bits).
-      x_qp: activation parameters, per tensor (``()``) or, dense only, per row (``[..., 1]``).
-      w_serving: weight parameters in serving form.
+      qx: lhs codes (conv: the padded input's codes); the float lhs when ``x_format`` is None.
+      qw: rhs codes in the serving layout (see :func:`encode_weight`); the float kernel (kernel
+        layout) when ``w_format`` is None.
+      x_qp: lhs parameters in operand form (None when ``x_format`` is None).
+      w_serving: rhs parameters in serving form (None when ``w_format`` is None).
     """
-    if isinstance(spec, ConvSpec):
-        return _conv_from_codes(qx, qw, x_qp, w_serving, spec)
-    grouped = spec.group_size is not None
-    if grouped:
-        qx = split_groups(qx, qx.ndim - 1, spec.group_size)
-        qw = split_groups(qw, 1, spec.group_size)
-    w_scale = jnp.asarray(w_serving.scale, jnp.float32)  # () / [N] / [N, G]
-    if spec.native == "int":
-        check_contraction(qx.shape[-1], spec.x_format, spec.w_format,
-                          lhs_symmetric=spec.x_symmetric, rhs_symmetric=spec.w_symmetric)
-        a, za = signed_codes(qx, x_qp.zero_point, spec.x_format)
-        b, zb = signed_codes(qw, w_serving.zero_point, spec.w_format)
-        # Symmetric signed codes have a zero point that is statically 0: no correction terms.
-        za = None if _zero_point_is_zero(spec.x_format, spec.x_symmetric) else za
-        zb = None if _zero_point_is_zero(spec.w_format, spec.w_symmetric) else zb
-        acc = int_matmul(a, b, za, zb, grouped=grouped, rhs_kn=kernel_layout).astype(jnp.float32)
-    else:
-        acc = fp8_matmul(qx, qw, grouped=grouped)
-    x_scale = jnp.asarray(x_qp.scale, jnp.float32)
-    if not grouped:
-        return acc * (x_scale * w_scale)
-    # acc: [G, ..., N]; each group has its own weight scale, so rescale then sum the groups.
-    w_scale = jnp.broadcast_to(w_scale, (qw.shape[0], qw.shape[1])).T
-    w_scale = w_scale.reshape((w_scale.shape[0],) + (1,) * (acc.ndim - 2) + (w_scale.shape[1],))
-    return jnp.sum(acc * (x_scale * w_scale), axis=0)
+    if spec.w_format is None:
+        return _contract(qx, _rounded(x_qp), qw, None, spec.dims(qx.ndim, qw.ndim), spec)
+    perm = spec.serving_perm(qw.ndim)
+    w_qp = QParams(*(_operand_form(a, spec, qw.ndim, perm) for a in w_serving))
+    dims = _permuted_dims(spec.dims(qx.ndim, qw.ndim), perm)
+    group_axis = None if spec.group_size is None else perm.index(_group_axis(spec, qw.ndim))
+    return _contract(qx, _rounded(x_qp), qw, w_qp, dims, spec, group_axis)
 
 
 def _zero_point_is_zero(fmt: Format, symmetric: bool) -> bool:
@@ -250,19 +382,100 @@ def _zero_point_is_zero(fmt: Format, symmetric: bool) -> bool:
     return symmetric and (fmt.signed or fmt.bits < 8)
 
 
-def _conv_from_codes(qx, qw, x_qp, w_serving, spec: ConvSpec) -> jax.Array:
-    """Integer / fp8 convolution on codes; weight scales are per output channel (last axis)."""
-    w_scale = jnp.asarray(w_serving.scale, jnp.float32)  # () or [C_out]
+def _decode(q, qp, fmt, dtype):
+    """Dequantized codes in ``dtype`` (a float operand is only cast)."""
+    return q.astype(dtype) if fmt is None else dequantize(q, qp, jnp.float32).astype(dtype)
+
+
+def _contract(qx, x_qp, qw, w_qp, dims, spec: DotSpec, group_axis: int | None = None) -> jax.Array:
+    """The contraction of codes in a given rhs layout (``dims``; ``w_qp`` in operand form of
+    that layout, ``group_axis`` its split axis when grouped): float32."""
+    if isinstance(spec, ConvSpec):
+        return _conv_from_codes(qx, qw, x_qp, w_qp, spec)
+    if spec.native is None:
+        # Weight-only, activation-only, int x fp8: the float contraction of the dequantized
+        # codes, in the lhs's dtype when it is float (the compute dtype), else in float32.
+        a = _decode(qx, x_qp, spec.x_format, qx.dtype if spec.x_format is None else jnp.float32)
+        if spec.w_format is None:
+            b = qw.astype(a.dtype)
+        elif spec.group_size is None:
+            b = dequantize(qw, w_qp, jnp.float32).astype(a.dtype)
+        else:
+            b = merge_groups(dequantize(split_groups(qw, group_axis, spec.group_size), w_qp,
+                                        jnp.float32), group_axis).astype(a.dtype)
+        return lax.dot_general(a, b, dims, precision=lax.Precision.HIGHEST,
+                               preferred_element_type=jnp.float32)
+    (lc, rc), (lb, rb) = dims
     x_scale = jnp.asarray(x_qp.scale, jnp.float32)
+    x_zp = x_qp.zero_point
+    if spec.group_size is not None:
+        qx, qw, x_scale, x_zp, dims = _group_as_batch(qx, qw, x_scale, x_zp, dims, group_axis,
+                                                      spec.group_size)
+        (lc, rc), (lb, rb) = dims
+    k = int(np.prod([qx.shape[a] for a in lc]))
+    if spec.native == "int":
+        check_contraction(k, spec.x_format, spec.w_format,
+                          lhs_symmetric=spec.x_symmetric, rhs_symmetric=spec.w_symmetric)
+        a, za = signed_codes(qx, x_zp, spec.x_format)
+        b, zb = signed_codes(qw, w_qp.zero_point, spec.w_format)
+        # Symmetric signed codes have a zero point that is statically 0: no correction terms.
+        za = None if _zero_point_is_zero(spec.x_format, spec.x_symmetric) else za
+        zb = None if _zero_point_is_zero(spec.w_format, spec.w_symmetric) else zb
+        acc = int_dot_general(a, b, dims, za, zb).astype(jnp.float32)
+    else:
+        acc = fp8_dot_general(qx, qw, dims)
+    out = lambda p, side: to_output(jnp.asarray(p, jnp.float32), side, dims, qx.ndim, qw.ndim)  # noqa: E731
+    y = acc * (out(x_scale, "lhs") * out(w_qp.scale, "rhs"))
+    # Grouped: the groups are the leading batch axis; each has its own scales, so rescale
+    # then sum the groups.
+    return y if spec.group_size is None else jnp.sum(y, axis=0)
+
+
+def _group_as_batch(qx, qw, x_scale, x_zp, dims, w_axis: int, group_size: int):
+    """Splits the contracting axis into ``(G, g)`` on both sides and makes ``G`` the leading
+    batch axis; lhs parameters gain the matching size-1 axis."""
+    (lc, rc), (lb, rb) = dims
+    l_axis = lc[rc.index(w_axis)]
+    qx, qw = split_groups(qx, l_axis, group_size), split_groups(qw, w_axis, group_size)
+
+    def expand(p):
+        p = jnp.asarray(p)
+        return p if p.ndim == 0 else jnp.expand_dims(p, l_axis + 1)
+
+    shift = lambda axes, at: tuple(a + 1 if a > at else a for a in axes)  # noqa: E731
+    lc2 = tuple(l_axis + 1 if a == l_axis else a for a in shift(lc, l_axis))
+    rc2 = tuple(w_axis + 1 if a == w_axis else a for a in shift(rc, w_axis))
+    dims = (lc2, rc2), ((l_axis,) + shift(lb, l_axis), (w_axis,) + shift(rb, w_axis))
+    return qx, qw, expand(x_scale), expand(x_zp), dims
+
+
+def _conv_from_codes(qx, qw, x_qp, w_qp, spec: ConvSpec) -> jax.Array:
+    """Integer / fp8 / float-of-codes convolution; weight parameters per output channel
+    (operand form ``[1, ..., 1, C_out]``) or per tensor."""
+    if spec.native is None:
+        a = _decode(qx, x_qp, spec.x_format, qx.dtype if spec.x_format is None else jnp.float32)
+        b = _decode(qw, w_qp, spec.w_format, a.dtype)
+        return spec.conv(a, b, jnp.float32, lax.Precision.HIGHEST)
+    channel = lambda p: jnp.reshape(jnp.asarray(p), (-1,)) if jnp.ndim(p) else jnp.asarray(p)  # noqa: E731
+    x_scale = jnp.asarray(x_qp.scale, jnp.float32)
+    w_scale = channel(jnp.asarray(w_qp.scale, jnp.float32))
     if spec.native == "fp8":
         return spec.conv(qx, qw, jnp.float32) * (x_scale * w_scale)
-    check_contraction(int(np.prod(qw.shape[:-1])), spec.x_format, spec.w_format,
-                      lhs_symmetric=spec.x_symmetric, rhs_symmetric=True)
+    k = int(np.prod(qw.shape[:-1]))
+    check_contraction(k, spec.x_format, spec.w_format,
+                      lhs_symmetric=spec.x_symmetric, rhs_symmetric=spec.w_symmetric)
     a, za = signed_codes(qx, x_qp.zero_point, spec.x_format)
-    b = qw.astype(jnp.int8)
+    b, zb = signed_codes(qw, w_qp.zero_point, spec.w_format)
     acc = spec.conv(a, b, jnp.int32)
-    colsum = jnp.sum(b, axis=tuple(range(b.ndim - 1)), dtype=jnp.int32)  # [C_out]
-    return (acc - za * colsum).astype(jnp.float32) * (x_scale * w_scale)
+    if not _zero_point_is_zero(spec.x_format, spec.x_symmetric):
+        acc = acc - za * jnp.sum(b, axis=tuple(range(b.ndim - 1)), dtype=jnp.int32)  # [C_out]
+    if not _zero_point_is_zero(spec.w_format, spec.w_symmetric):
+        zb = channel(zb)
+        window_sums = spec.conv(a, jnp.ones_like(b), jnp.int32)  # sum of each window of a
+        acc = acc - zb * window_sums
+        if not _zero_point_is_zero(spec.x_format, spec.x_symmetric):
+            acc = acc + jnp.int32(k) * za * zb
+    return acc.astype(jnp.float32) * (x_scale * w_scale)
 
 
 # ----------------------------------------------------------------------------- training op
@@ -270,83 +483,98 @@ def _conv_from_codes(qx, qw, x_qp, w_serving, spec: ConvSpec) -> jax.Array:
 
 def _zero_like_tree(tree):
     return jax.tree_util.tree_map(
-        lambda a: jnp.zeros_like(a) if jnp.issubdtype(a.dtype, jnp.floating)
-        else np.zeros(a.shape, jax.dtypes.float0), tree)
+        lambda a: jnp.zeros_like(a) if jnp.issubdtype(jnp.asarray(a).dtype, jnp.floating)
+        else np.zeros(jnp.shape(a), jax.dtypes.float0), tree)
 
 
-def _transpose_in_training(spec: DotSpec) -> bool:
-    """Whether the training forward transposes the kernel codes to the serving ``[N, K]``.
+def _kernel_layout_in_training(spec: DotSpec) -> bool:
+    """Whether the training forward contracts the kernel codes in the kernel's own layout
+    instead of transposing them to the serving layout.
 
     Accelerators run the int8 / fp8 GEMM about twice as fast with both operands contracting
-    their last axis, so the codes are transposed (a 1-byte pass). XLA:CPU fuses that
+    their last axis, so dense codes are transposed (a 1-byte pass). XLA:CPU fuses that
     transpose into the quantization as a strided loop about 7x slower than the in-place one
-    and gains nothing in the dot, so there an ungrouped integer dot contracts the codes in
-    the kernel's own layout -- exactly the same int32 result.
+    and gains nothing in the dot, so there an ungrouped integer dense dot contracts the
+    codes in the kernel's own layout -- exactly the same int32 result. Layouts that serve
+    untransposed are the same either way.
     """
-    return not (spec.native == "int" and spec.group_size is None
-                and not isinstance(spec, ConvSpec) and jax.default_backend() == "cpu")
+    if spec.w_format is None or spec.serving_perm(2) == (0, 1):
+        return True
+    return spec.native == "int" and spec.group_size is None and jax.default_backend() == "cpu"
 
 
-def _kernel_codes(w, w_qp, spec: DotSpec) -> jax.Array:
-    """Kernel codes in the kernel's layout (``[K, N]``, or the conv kernel's)."""
-    q = quantize(_split_kernel(w, spec), w_qp, spec.w_format)
-    return merge_groups(q, 0) if spec.group_size is not None and not isinstance(spec, ConvSpec) else q
+def _encode_lhs(x, x_qp, spec: DotSpec):
+    return x if spec.x_format is None else quantize(x, _rounded(x_qp), spec.x_format)
+
+
+def serve(x: jax.Array, codes: jax.Array, x_qp: QParams | None, w_serving: QParams,
+          spec: DotSpec) -> jax.Array:
+    """Serving from stored weights: ``x`` quantized with ``x_qp``, then :func:`dot_from_codes`
+    with the codes and serving parameters of :func:`encode_weight`. Equals the forward of
+    :func:`quantized_dot_general` / :func:`quantized_dot` bit for bit."""
+    return dot_from_codes(_encode_lhs(x, x_qp, spec), codes, x_qp, w_serving, spec)
+
+
+def _forward(x, w, x_qp, w_qp, spec: DotSpec):
+    """The training / unconverted-infer forward: ``(y, lhs codes, kernel-layout rhs codes)``."""
+    x_qp = _rounded(x_qp)
+    qx = _encode_lhs(x, x_qp, spec)
+    if spec.w_format is None:
+        return dot_from_codes(qx, w, x_qp, None, spec), qx, w
+    if _kernel_layout_in_training(spec):
+        q_kernel = _kernel_codes(w, w_qp, spec)
+        w_op = QParams(jnp.asarray(w_qp.scale, jnp.float32), _rounded(w_qp).zero_point)
+        group_axis = _group_axis(spec, w.ndim) if spec.group_size is not None else None
+        y = _contract(qx, x_qp, q_kernel, w_op, spec.dims(x.ndim, w.ndim), spec, group_axis)
+        return y, qx, q_kernel
+    codes, serving = encode_weight(w, w_qp, spec)
+    q_kernel = jnp.transpose(codes, tuple(int(i) for i in np.argsort(spec.serving_perm(w.ndim))))
+    return dot_from_codes(qx, codes, x_qp, serving, spec), qx, q_kernel
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _native_dot(x, w, x_qp, w_qp, spec, x_dtype, w_dtype):
+def _qdot(x, w, x_qp, w_qp, spec, x_dtype, w_dtype):
     """``x_dtype`` / ``w_dtype``: ``x``'s and ``w``'s dtypes (static), the dtypes of the gradients."""
-    return _native_forward(x, w, x_qp, w_qp, spec)[0]
+    return _forward(x, w, x_qp, w_qp, spec)[0]
 
 
-def _native_forward(x, w, x_qp, w_qp, spec):
-    qx = quantize(x, x_qp, spec.x_format)
-    q_kernel = _kernel_codes(w, w_qp, spec)
-    serving = QParams(*(to_serving(a, spec) for a in w_qp))
-    if isinstance(spec, ConvSpec) or _transpose_in_training(spec):
-        qw = q_kernel if isinstance(spec, ConvSpec) else q_kernel.T
-        y = dot_from_codes(qx, qw, x_qp, serving, spec)
-    else:
-        y = dot_from_codes(qx, q_kernel, x_qp, serving, spec, kernel_layout=True)
-    return y, qx, q_kernel
-
-
-def _native_dot_fwd(x, w, x_qp, w_qp, spec, x_dtype, w_dtype):
-    y, qx, q_kernel = _native_forward(x, w, x_qp, w_qp, spec)
+def _qdot_fwd(x, w, x_qp, w_qp, spec, x_dtype, w_dtype):
+    y, qx, q_kernel = _forward(x, w, x_qp, w_qp, spec)
     if spec.ste == "lsq":  # the scale gradients come from the reference's vjp
         return y, (x, w, x_qp, w_qp)
     clipped = spec.ste == "clipped"
-    x_mask = ste_mask(x, x_qp, spec.x_format) if clipped and spec.x_mask else None
-    w_mask = (ste_mask(_split_kernel(w, spec), w_qp, spec.w_format).reshape(w.shape)
-              if clipped and spec.w_mask else None)
+    x_mask = (ste_mask(x, x_qp, spec.x_format)
+              if clipped and spec.x_mask and spec.x_format is not None else None)
+    w_mask = (ste_mask(_split(w, spec), w_qp, spec.w_format).reshape(w.shape)
+              if clipped and spec.w_mask and spec.w_format is not None else None)
     # By default the residuals are the 1-byte codes (a quarter of float training's
-    # activation memory), dequantized by the backward right before its matmuls.
+    # activation memory), dequantized by the backward right before its contractions.
     operands = (x, w) if spec.original_residuals else (qx, q_kernel)
     return y, (operands, x_qp, w_qp, (x_mask, w_mask))
 
 
-def _native_dot_bwd(spec, dtype, w_dtype, res, g):
+def _qdot_bwd(spec, dtype, w_dtype, res, g):
     if spec.ste == "lsq":
         x, w, x_qp, w_qp = res
         _, vjp = jax.vjp(lambda *a: reference_dot(*a, spec), x, w, x_qp, w_qp)
         return vjp(g)
     (a, b), x_qp, w_qp, (x_mask, w_mask) = res
-    if spec.original_residuals:
-        a, b = a.astype(dtype), b.astype(dtype)
-    else:  # x_hat, w_hat
-        a = dequantize(a, x_qp, dtype)
-        b = dequantize(_split_kernel(b, spec), w_qp, dtype).reshape(b.shape)
-    g = g.astype(dtype)
+    if spec.original_residuals or spec.x_format is None:
+        a = a.astype(dtype)
+    else:  # x_hat
+        a = dequantize(a, _rounded(x_qp), dtype)
+    if spec.original_residuals or spec.w_format is None:
+        b = b.astype(dtype)
+    else:  # w_hat
+        b = _decode_kernel(b, _rounded(w_qp), spec, dtype)
     if isinstance(spec, ConvSpec):
         _, vjp = jax.vjp(lambda a_, b_: spec.conv(a_, b_, jnp.float32), a, b)
         dx, dw = vjp(g.astype(jnp.float32))
-        dx, dw = dx.astype(dtype), dw.astype(w_dtype)
     else:
-        batch = tuple(range(g.ndim - 1))
-        dx = lax.dot_general(g, b, (((g.ndim - 1,), (1,)), ((), ())),
-                             preferred_element_type=jnp.float32).astype(dtype)
-        dw = lax.dot_general(a, g, ((batch, batch), ((), ())),
-                             preferred_element_type=jnp.float32).astype(w_dtype)  # [K, N]
+        dims = spec.dims(a.ndim, b.ndim)
+        _, vjp = jax.vjp(lambda a_, b_: lax.dot_general(a_, b_, dims), a, b)
+        dx, dw = vjp(g.astype(dtype))
+    dx, dw = dx.astype(dtype), dw.astype(w_dtype)
     if x_mask is not None:
         dx = jnp.where(x_mask, dx, jnp.zeros_like(dx))
     if w_mask is not None:
@@ -355,32 +583,123 @@ def _native_dot_bwd(spec, dtype, w_dtype, res, g):
     return dx, dw, zx, zw
 
 
-_native_dot.defvjp(_native_dot_fwd, _native_dot_bwd)
+_qdot.defvjp(_qdot_fwd, _qdot_bwd)
+
+
+def _check(x, w, x_qp, w_qp, spec: DotSpec, fn: str) -> None:
+    for name, fmt, qp in (("lhs", spec.x_format, x_qp), ("rhs", spec.w_format, w_qp)):
+        if (fmt is None) != (qp is None):
+            raise ValueError(f"{fn}: the {name} parameters must be given exactly when its format "
+                             f"is set (format {fmt}, parameters {'None' if qp is None else 'given'}).")
+    if spec.original_residuals and (spec.native is None or spec.ste == "lsq"):
+        raise ValueError(
+            f"{fn}: `original_residuals` needs two integer (or two fp8) operands and the "
+            f"identity or clipped estimator; got {spec.x_format}, {spec.w_format}, ste={spec.ste!r}.")
+
+
+def _run(x, w, x_qp, w_qp, spec: DotSpec) -> jax.Array:
+    return _qdot(x, w, x_qp, w_qp, spec, jnp.dtype(x.dtype), jnp.dtype(w.dtype))
+
+
+def quantized_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers,
+                          lhs_qp: QParams | None, rhs_qp: QParams | None,
+                          spec: DotSpec) -> jax.Array:
+    """``lax.dot_general(lhs, rhs, dimension_numbers)`` with quantized operands; differentiable
+    through the straight-through estimator.
+
+    Args:
+      lhs, rhs: float operands (weights or activations), any layout.
+      dimension_numbers: ``((lhs_contracting, rhs_contracting), (lhs_batch, rhs_batch))``.
+      lhs_qp / rhs_qp: operand-form parameters (scalars, or the operand's rank with size 1
+        on the contracting axes; per-group rhs: against its split), None where the format
+        (``spec.x_format`` / ``spec.w_format``) is None.
+      spec: the static recipe; its ``dimension_numbers`` are replaced by these.
+    Returns:
+      float32 ``[*batch, *lhs_free, *rhs_free]``. With two integer (or two fp8) operands
+      the forward runs the integer (fp8) contraction on the codes, bit-identical to
+      :func:`dot_from_codes` on stored codes.
+    """
+    dims = canonical_dims(dimension_numbers, lhs.ndim, rhs.ndim)
+    (lc, rc), (lb, rb) = dims
+    for la, ra in zip(lc + lb, rc + rb):
+        if lhs.shape[la] != rhs.shape[ra]:
+            raise ValueError(f"quantized_dot_general: lhs axis {la} (size {lhs.shape[la]}) and rhs "
+                             f"axis {ra} (size {rhs.shape[ra]}) are paired but differ in size.")
+    spec = dataclasses.replace(spec, dimension_numbers=dims)
+    _check(lhs, rhs, lhs_qp, rhs_qp, spec, "quantized_dot_general")
+    return _run(lhs, rhs, lhs_qp, rhs_qp, spec)
 
 
 def quantized_dot(x: jax.Array, w: jax.Array, x_qp: QParams | None, w_qp: QParams | None,
                   spec: DotSpec) -> jax.Array:
-    """``x @ kernel`` (or, with a :class:`ConvSpec`, the convolution of the padded ``x`` with
-    the kernel) with quantized operands; differentiable through the STE.
-
-    Args:
-      x: float activations ``[..., K]``.
-      w: float kernel ``[K, N]`` (conv: ``[*window, C_in, C_out]``).
-      x_qp / w_qp: parameters (None where the format is None); ``w_qp`` in kernel form.
-      spec: static description.
-    Returns:
-      float32 ``[..., N]``. With two integer (or two fp8) operands the forward runs the
-      integer (fp8) matmul, bit-identical to :func:`dot_from_codes` on stored codes.
-    """
+    """The dense case ``x [..., K] @ kernel [K, N]`` (or, with a :class:`ConvSpec`, the
+    convolution of the padded ``x`` with the kernel): float32 ``[..., N]``. See
+    :func:`quantized_dot_general`; ``w_qp`` is in kernel form."""
     if not isinstance(spec, ConvSpec) and x.shape[-1] != w.shape[0]:
         raise ValueError(
-            f"quantized_dot: x has {x.shape[-1]} input features but the kernel expects {w.shape[0]}."
-        )
-    if spec.original_residuals and (spec.native is None or spec.ste == "lsq"):
-        raise ValueError(
-            "quantized_dot: `original_residuals` needs two integer (or two fp8) operands and the "
-            f"identity or clipped estimator; got {spec.x_format}, {spec.w_format}, ste={spec.ste!r}."
-        )
-    if spec.native is None:
-        return reference_dot(x, w, x_qp, w_qp, spec)
-    return _native_dot(x, w, x_qp, w_qp, spec, jnp.dtype(x.dtype), jnp.dtype(w.dtype))
+            f"quantized_dot: x has {x.shape[-1]} input features but the kernel expects {w.shape[0]}.")
+    _check(x, w, x_qp, w_qp, spec, "quantized_dot")
+    return _run(x, w, x_qp, w_qp, spec)
+
+
+def einsum_dimension_numbers(subscripts: str, lhs_ndim: int, rhs_ndim: int
+                             ) -> tuple[DimensionNumbers, tuple[int, ...]]:
+    """Two-operand einsum -> ``(dimension_numbers, perm)``: ``jnp.einsum(subscripts, a, b)``
+    equals ``jnp.transpose(lax.dot_general(a, b, dimension_numbers), perm)``.
+
+    Indices in both operands and the output are batch axes, in both operands only
+    contracted, in one operand and the output free. ``...`` is supported; an index
+    repeated within one operand (a trace) or summed within one operand is refused.
+    """
+    if subscripts.count(",") != 1:
+        raise ValueError(f"quantized_einsum: `subscripts` must name two operands, got {subscripts!r}.")
+    text = subscripts.replace(" ", "")
+    ins, _, out = text.partition("->")
+    explicit = "->" in text
+    specs = ins.split(",")
+    free_letters = [c for c in string.ascii_letters if c not in text]
+
+    def expand(s: str, ndim: int, ell: str | None) -> str:
+        if "..." not in s:
+            if len(s) != ndim:
+                raise ValueError(f"quantized_einsum: {s!r} names {len(s)} axes, the operand has {ndim}.")
+            return s
+        n = ndim - (len(s) - 3)
+        if n < 0:
+            raise ValueError(f"quantized_einsum: {s!r} names more axes than the operand's {ndim}.")
+        return s.replace("...", ell[len(ell) - n:] if n else "")
+
+    n_ell = max(lhs_ndim - (len(specs[0]) - 3) if "..." in specs[0] else 0,
+                rhs_ndim - (len(specs[1]) - 3) if "..." in specs[1] else 0)
+    ell = "".join(free_letters[:n_ell])
+    ls, rs = expand(specs[0], lhs_ndim, ell), expand(specs[1], rhs_ndim, ell)
+    if explicit:
+        out = expand(out, len(out) - 3 + n_ell if "..." in out else len(out), ell)
+    else:
+        counts = {c: (ls + rs).count(c) for c in ls + rs}
+        out = ell + "".join(sorted(c for c in counts if counts[c] == 1 and c not in ell))
+    for s in (ls, rs, out):
+        if len(set(s)) != len(s):
+            raise ValueError(f"quantized_einsum: an index repeats within {s!r} in {subscripts!r}.")
+    for c in ls + rs:
+        if c not in out and not (c in ls and c in rs):
+            raise ValueError(f"quantized_einsum: index {c!r} of {subscripts!r} is summed within one "
+                             "operand; sum it before the contraction.")
+    batch = [c for c in ls if c in rs and c in out]
+    contracting = [c for c in ls if c in rs and c not in out]
+    dims = ((tuple(ls.index(c) for c in contracting), tuple(rs.index(c) for c in contracting)),
+            (tuple(ls.index(c) for c in batch), tuple(rs.index(c) for c in batch)))
+    produced = batch + [c for c in ls if c not in rs] + [c for c in rs if c not in ls]
+    if sorted(produced) != sorted(out):
+        raise ValueError(f"quantized_einsum: output {out!r} of {subscripts!r} names an unknown index.")
+    return dims, tuple(produced.index(c) for c in out)
+
+
+def quantized_einsum(subscripts: str, lhs: jax.Array, rhs: jax.Array, lhs_qp: QParams | None,
+                     rhs_qp: QParams | None, spec: DotSpec) -> jax.Array:
+    """``jnp.einsum(subscripts, lhs, rhs)`` with quantized operands: the einsum as a
+    :func:`quantized_dot_general` and a transpose. Float32 output in the einsum's layout;
+    parameters in operand form (see :func:`quantized_dot_general`)."""
+    dims, perm = einsum_dimension_numbers(subscripts, lhs.ndim, rhs.ndim)
+    y = quantized_dot_general(lhs, rhs, dims, lhs_qp, rhs_qp, spec)
+    return jnp.transpose(y, perm) if perm != tuple(range(y.ndim)) else y

@@ -18,3 +18,12 @@ except (AttributeError, RuntimeError):  # older jax: the XLA flag above does it
     pass
 
 jax.config.update("jax_enable_x64", False)
+
+# The examples (examples/*.py) are scripts, not part of the package; the digits experiment
+# (examples/digits_experiment.py, which `qatjax run` loads) is imported by the tests as the
+# examples import it: `import digits_experiment`, with examples/ on sys.path.
+import sys  # noqa: E402
+
+EXAMPLES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+if EXAMPLES_DIR not in sys.path:
+    sys.path.append(EXAMPLES_DIR)

@@ -1,6 +1,10 @@
-"""The ``qatjax`` command line: run, inspect, --help, and the one-line errors (exit 2)."""
+"""The ``qatjax`` command line: run, inspect, --help, and the one-line errors (exit 2).
+
+``run`` runs examples/digits_experiment.py, found in the source checkout (or --examples-dir /
+$QATJAX_EXAMPLES_DIR)."""
 
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -34,6 +38,7 @@ def test_help_explains_both_commands(capsys):
     assert cli.main(["run", "--help"]) == 0
     out = capsys.readouterr().out
     assert "CONFIG" in out and "--quick" in out and "--save" in out and "relative logit error" in out
+    assert "--examples-dir" in out and "QATJAX_EXAMPLES_DIR" in out
     assert cli.main(["inspect", "--help"]) == 0
     out = capsys.readouterr().out
     assert "CHECKPOINT" in out and "saturation" in out
@@ -79,6 +84,30 @@ def test_run_refuses_to_overwrite_save_target(tmp_path, capsys):
     assert cli.main(["run", INT8_PTQ, "--quick", "--save", str(target)]) == 2
     _one_line_error(capsys, "--save", "exists")
     assert target.read_bytes() == b"precious"
+
+
+# ----------------------------------------------------------------------------- run: the examples
+def test_run_finds_the_experiment_in_the_source_checkout(monkeypatch):
+    monkeypatch.delenv(cli.EXAMPLES_ENV, raising=False)
+    assert cli._find_experiment() == pathlib.Path(ROOT, "examples", "digits_experiment.py").resolve()
+
+
+def test_run_without_the_examples_says_where_it_looked(tmp_path, capsys, monkeypatch):
+    assert cli.main(["run", INT8_PTQ, "--quick", "--examples-dir", str(tmp_path)]) == 2
+    _one_line_error(capsys, str(tmp_path / "digits_experiment.py"), "--examples-dir",
+                    "source checkout", "pip install -e")
+    monkeypatch.setenv(cli.EXAMPLES_ENV, str(tmp_path / "nowhere"))
+    assert cli.main(["run", INT8_PTQ, "--quick"]) == 2
+    _one_line_error(capsys, str(tmp_path / "nowhere" / "digits_experiment.py"), "$QATJAX_EXAMPLES_DIR")
+
+
+def test_run_names_a_missing_example_dependency(tmp_path, capsys, monkeypatch):
+    (tmp_path / "digits_experiment.py").write_text("import qatjax_test_no_such_module\n")
+    before = sys.modules.get("digits_experiment")
+    monkeypatch.setenv(cli.EXAMPLES_ENV, str(tmp_path))
+    assert cli.main(["run", INT8_PTQ, "--quick"]) == 2
+    _one_line_error(capsys, "qatjax_test_no_such_module", '".[examples]"')
+    assert sys.modules.get("digits_experiment") is before  # nothing half-imported left behind
 
 
 # ----------------------------------------------------------------------------- run + inspect

@@ -1,14 +1,16 @@
-"""qatjax.digits: data, metrics, recipe files, and every shipped recipe end to end (quick)."""
+"""The digits experiment (examples/digits_experiment.py, not part of the package): data,
+metrics, recipe files, and every shipped recipe end to end (quick)."""
 
 import glob
 import os
 
+import digits_experiment as digits  # examples/, on sys.path (conftest.py)
 import jax
 import numpy as np
 import pytest
 
 import qatjax
-from qatjax import QatConfig, digits
+from qatjax import QatConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))

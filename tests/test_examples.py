@@ -76,7 +76,7 @@ def test_quick_run_qat_targets(quick_run):
     assert rows["QAT W8A8 percentile"].delta >= -0.003
     # LSQ learned its scales: they are parameters, and moved away from their initial values
     # (calibration of the float model, as run_recipe starts).
-    from qatjax import digits
+    import digits_experiment as digits  # examples/, on sys.path (conftest.py)
 
     row = rows["QAT W4A8 LSQ"]
     init = digits.calibrate_from(row.config, rows["float"].variables, digits.load_data(),

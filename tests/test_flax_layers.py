@@ -83,7 +83,9 @@ def test_train_infer_and_converted_infer_agree_bit_for_bit(cfg):
     train = jax.jit(lambda v, x: layer.apply(v, x, mode="train"))(v, x)
     infer = jax.jit(lambda v, x: layer.apply(v, x, mode="infer"))(v, x)
     served = qatjax.convert(v)
-    assert served["quant_params"]["kernel_codes"].shape == (12, 32)  # [out, in]
+    # Native (int x int, fp8 x fp8) layers serve [out, in]; weight-only ones [in, out].
+    native = cfg.integer_matmul or cfg.fp8_matmul
+    assert served["quant_params"]["kernel_codes"].shape == ((12, 32) if native else (32, 12))
     assert served["quant_params"]["kernel_codes"].dtype == cfg.weight_format.storage_dtype
     converted = jax.jit(lambda v, x: layer.apply(v, x, mode="infer"))(served, x)
     np.testing.assert_array_equal(np.asarray(infer), np.asarray(train))

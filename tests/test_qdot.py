@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import qatjax
-from qatjax.qdot import (ConvSpec, DotSpec, dot_from_codes, quantize_kernel, quantized_dot,
-                         reference_dot, to_serving)
+from qatjax.qdot import (ConvSpec, DotSpec, dot_from_codes, encode_weight, quantized_dot,
+                         reference_dot, serve)
 
 
 def _setup(x_fmt, w_fmt, x_sym, w_sym, group=None, seed=0):
@@ -53,10 +53,10 @@ def test_native_forward_matches_fake_quant_reference(x_fmt, w_fmt, x_sym, w_sym,
     assert rel <= 1e-5
     # The serving path on stored codes gives the same bits.
     qx = qatjax.quantize(x, x_qp, x_fmt)
-    qw = quantize_kernel(w, w_qp, spec)
+    qw, served = encode_weight(w, w_qp, spec)
     assert qw.shape == (24, 64)  # served [N, K]
-    served = qatjax.QParams(*(to_serving(a, spec) for a in w_qp))
     np.testing.assert_array_equal(np.asarray(dot_from_codes(qx, qw, x_qp, served, spec)), np.asarray(y))
+    np.testing.assert_array_equal(np.asarray(serve(x, qw, x_qp, served, spec)), np.asarray(y))
 
 
 @pytest.mark.parametrize("x_fmt,w_fmt,x_sym,w_sym,group", CASES[:4])
@@ -203,3 +203,90 @@ def test_feature_mismatch_is_a_clear_error():
     x, w, x_qp, w_qp, spec = _setup(qatjax.int8, qatjax.int8, True, True)
     with pytest.raises(ValueError, match="32 input features but the kernel expects 64"):
         quantized_dot(x[..., :32], w, x_qp, w_qp, spec)
+
+
+# ----------------------------------------------------------------------------- dot_general / einsum
+
+from qatjax.qdot import einsum_dimension_numbers, quantized_dot_general, quantized_einsum  # noqa: E402
+from test_integer import GENERAL, _np_dot_general  # noqa: E402
+
+
+def _np_codes(x, scale, zp, fmt):
+    """numpy re-implementation of the integer codes: clip(round_half_even(x / s) + zp)."""
+    x = np.asarray(x, np.float64)
+    return np.clip(np.round(x / scale) + zp, fmt.qmin, fmt.qmax)
+
+
+@pytest.mark.parametrize("lhs_shape,rhs_shape,dims", GENERAL)
+@pytest.mark.parametrize("x_fmt,x_sym", [(qatjax.int8, True), (qatjax.uint8, False)])
+def test_quantized_dot_general_matches_int64_reference(lhs_shape, rhs_shape, dims, x_fmt, x_sym):
+    """Both operands activations, per-row / per-channel parameters (constant along the
+    contracting axes): the float32 result equals the int64 sum of code products, scaled."""
+    k = jax.random.split(jax.random.key(3), 2)
+    lhs = jax.random.normal(k[0], lhs_shape) + (0.0 if x_sym else 1.0)
+    rhs = jax.random.normal(k[1], rhs_shape)
+    (lc, rc), _ = dims
+    lo, hi = lhs.min(lc, keepdims=True), lhs.max(lc, keepdims=True)
+    lqp = qatjax.qparams_from_minmax(lo, hi, x_fmt, symmetric=x_sym)
+    rqp = qatjax.qparams_from_amax(jnp.abs(rhs).max(rc, keepdims=True), qatjax.int8)
+    spec = DotSpec(x_fmt, qatjax.int8, x_sym, True)
+    y = jax.jit(lambda a, b: quantized_dot_general(a, b, dims, lqp, rqp, spec))(lhs, rhs)
+    ls, lz = np.asarray(lqp.scale, np.float64), np.asarray(lqp.zero_point, np.int64)
+    rs = np.asarray(rqp.scale, np.float64)
+    qa = _np_codes(lhs, ls, lz, x_fmt).astype(np.int64) - lz
+    qb = _np_codes(rhs, rs, 0, qatjax.int8).astype(np.int64)
+    acc = _np_dot_general(qa, qb, dims)
+    scale = _np_dot_general(ls * np.ones_like(qa, np.float64) / np.prod([qa.shape[a] for a in lc]),
+                            rs * np.ones_like(qb, np.float64), dims)  # ls * rs in the output layout
+    ref = acc * scale
+    np.testing.assert_allclose(np.asarray(y, np.float64), ref, rtol=2e-6, atol=1e-5 * np.abs(ref).max())
+    # The gradient is the STE's: that of the float contraction of the dequantized operands.
+    g = jax.grad(lambda a, b: quantized_dot_general(a, b, dims, lqp, rqp, spec).sum(), (0, 1))(lhs, rhs)
+    gr = jax.grad(lambda a, b: reference_dot(a, b, lqp, rqp, dataclasses.replace(spec, dimension_numbers=dims)).sum(), (0, 1))(lhs, rhs)
+    for got, want in zip(g, gr):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("subscripts,lhs_shape,rhs_shape", [
+    ("btd,dhk->bthk", (2, 5, 16), (16, 3, 4)),          # nn.Einsum projection
+    ("...qhd,...khd->...hqk", (2, 5, 3, 8), (2, 7, 3, 8)),  # flax attention weights
+    ("...hqk,...khd->...qhd", (2, 3, 5, 7), (2, 7, 3, 8)),  # flax attention values
+    ("ij,kj", (4, 8), (6, 8)),                          # implicit output
+])
+def test_quantized_einsum_equals_the_fake_quant_einsum(subscripts, lhs_shape, rhs_shape):
+    dims, _ = einsum_dimension_numbers(subscripts, len(lhs_shape), len(rhs_shape))
+    (lc, rc), _ = dims
+    k = jax.random.split(jax.random.key(5), 2)
+    a, b = jax.random.normal(k[0], lhs_shape), jax.random.normal(k[1], rhs_shape)
+    aqp = qatjax.qparams_from_amax(jnp.abs(a).max(lc, keepdims=True), qatjax.int8)
+    bqp = qatjax.qparams_from_amax(jnp.abs(b).max(rc, keepdims=True), qatjax.int8)
+    y = quantized_einsum(subscripts, a, b, aqp, bqp, DotSpec(qatjax.int8, qatjax.int8))
+    ref = jnp.einsum(subscripts, qatjax.fake_quant(a, aqp, qatjax.int8),
+                     qatjax.fake_quant(b, bqp, qatjax.int8), precision="highest")
+    assert y.shape == ref.shape
+    np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=1e-5, atol=1e-5)
+
+
+def test_einsum_refuses_what_is_not_one_contraction():
+    with pytest.raises(ValueError, match="repeats"):
+        einsum_dimension_numbers("ii,ij->j", 2, 2)
+    with pytest.raises(ValueError, match="summed within one operand"):
+        einsum_dimension_numbers("ij,jk->k", 2, 2)
+    with pytest.raises(ValueError, match="two operands"):
+        einsum_dimension_numbers("ij->j", 2, 2)
+
+
+def test_group_and_serving_layouts_round_trip():
+    """encode_weight / decode_weight: per-group int4 weights of a native and a weight-only
+    layer; decode is the dequantized kernel in the kernel's layout."""
+    from qatjax.qdot import decode_weight
+
+    w = jax.random.normal(jax.random.key(1), (64, 24))
+    wg = qatjax.split_groups(w, 0, 16)
+    qp = qatjax.qparams_from_amax(jnp.abs(wg).max(1, keepdims=True), qatjax.int4)
+    want = np.asarray(qatjax.merge_groups(qatjax.fake_quant(wg, qp, qatjax.int4), 0))
+    for x_fmt, codes_shape, scale_shape in ((qatjax.int8, (24, 64), (24, 4)), (None, (64, 24), (4, 24))):
+        spec = DotSpec(x_fmt, qatjax.int4, group_size=16)
+        codes, serving = encode_weight(w, qp, spec)
+        assert codes.shape == codes_shape and serving.scale.shape == scale_shape
+        np.testing.assert_array_equal(np.asarray(decode_weight(codes, serving, spec)), want)

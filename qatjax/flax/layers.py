@@ -49,8 +49,8 @@ from qatjax import fp8 as fp8_lib
 from qatjax.config import QatConfig
 from qatjax.fake_quant import lsq_grad_scale, quantize
 from qatjax.flax import specs
-from qatjax.qdot import (ConvSpec, DotSpec, dequantize_codes, dot_from_codes, from_serving,
-                         quantize_kernel, quantized_dot, reference_dot, to_serving)
+from qatjax.qdot import (ConvSpec, DotSpec, contracting_axes, from_serving, quantized_dot, serve,
+                         to_serving)
 from qatjax.qparams import QParams, qparams_from_amax, qparams_from_minmax
 
 __all__ = ["QatDense", "QatConv", "MODES", "quant_mode"]
@@ -142,41 +142,27 @@ class _QuantLayer:
 
     # ------------------------------------------------------------------ activations
     def _act_static(self) -> bool:
-        cfg = self.config
-        return (cfg.activation_format is not None and cfg.activation_scaling == "static"
-                and cfg.fp8_scaling is None)
-
-    def _observer(self):
-        cfg = self.config
-        signed = not cfg.activation_symmetric
-        if cfg.activation_observer == "histogram":
-            return calibration.histogram(num_bins=cfg.num_bins, signed=signed)
-        if cfg.activation_observer == "moving_average_minmax":
-            return calibration.moving_average_minmax(momentum=cfg.ema_momentum)
-        return calibration.minmax()
+        act = self.config.activation_quantizer()
+        return act is not None and act.static
 
     def _observe(self, x: jax.Array, update: bool) -> Any:
         """Creates (and in calibrate mode updates) the activation observer state."""
-        obs = self._observer()
-        stats = self.variable("quant_stats", "input", obs.init, jnp.zeros((1,), jnp.float32))
+        act = self.config.activation_quantizer()
+        stats = self.variable("quant_stats", "input", act.init)
         if update:
-            x32 = jax.lax.stop_gradient(x).astype(jnp.float32)
-            stats.value = obs.update(stats.value, x32, axis_name=self.axis_name)
+            stats.value = act.observe(stats.value, x, self.axis_name)
         return stats.value
 
-    def _input_qparams(self, x: jax.Array, mode: str) -> QParams | None:
-        cfg = self.config
-        fmt = cfg.activation_format
-        if fmt is None:
+    def _input_qparams(self, x: jax.Array, mode: str, contracting: tuple[int, ...]) -> QParams | None:
+        """The input's parameters: dynamic ones from ``x`` (constant along ``contracting``),
+        LSQ-learned ones in train mode, else the calibrated ones."""
+        act = self.config.activation_quantizer()
+        if act is None:
             return None
-        if cfg.activation_scaling == "dynamic":
-            return self._dynamic_input_qparams(jax.lax.stop_gradient(x))
-        if cfg.learnable_scales and mode == "train" and self.has_variable("params", "input_scale"):
-            scale = self._read("params", "input_scale")
-            zp = (self._read("params", "input_zero_point")
-                  if self.has_variable("params", "input_zero_point") else jnp.zeros((), jnp.float32))
-            return QParams(scale, zp)
-        for col in ("params", "quant_params"):
+        if not act.static:
+            return act.dynamic_qparams(x, contracting, self.axis_name)
+        cols = ("params", "quant_params") if act.learnable else ("quant_params", "params")
+        for col in cols:
             if self.has_variable(col, "input_scale"):
                 scale = self._read(col, "input_scale")
                 zp = (self._read(col, "input_zero_point")
@@ -189,61 +175,35 @@ class _QuantLayer:
             "activation_scaling='dynamic'."
         )
 
-    def _dynamic_input_qparams(self, x: jax.Array) -> QParams:
-        """Parameters from the batch itself: absmax (symmetric) or min / max (affine) of the
-        whole tensor, reduced over ``axis_name``, or of each token (``[..., 1]``, no
-        cross-device reduction: every token is local). Non-finite extremes count as 0."""
-        cfg = self.config
-        per_token = cfg.activation_granularity == "per_token"
-        axis = -1 if per_token else None
-        across_devices = self.axis_name is not None and not per_token
-
-        def extreme(v: jax.Array, reduce, collective) -> jax.Array:
-            v = reduce(v, axis=axis, keepdims=per_token).astype(jnp.float32)
-            v = jnp.where(jnp.isfinite(v), v, 0.0)
-            return collective(v, self.axis_name) if across_devices else v
-
-        if cfg.activation_symmetric:
-            return qparams_from_amax(extreme(jnp.abs(x), jnp.max, jax.lax.pmax), cfg.activation_format)
-        lo = extreme(x, jnp.min, jax.lax.pmin)
-        hi = extreme(x, jnp.max, jax.lax.pmax)
-        return qparams_from_minmax(lo, hi, cfg.activation_format, symmetric=False)
-
     def _finalize_input(self) -> None:
         """Turns the observer state into activation QParams (quant_params, or params for LSQ)."""
-        cfg = self.config
-        state = self._read("quant_stats", "input")
-        kwargs = {"p": cfg.percentile} if cfg.activation_estimator == "percentile" else {}
-        qp = calibration.estimate(state, cfg.activation_format, cfg.activation_estimator,
-                                  symmetric=cfg.activation_symmetric, **kwargs)
-        col = "params" if cfg.learnable_scales else "quant_params"
-        self.put_variable(col, "input_scale", qp.scale.astype(jnp.float32))
-        if not cfg.activation_symmetric:
-            zp = qp.zero_point.astype(jnp.float32 if cfg.learnable_scales else jnp.int32)
-            self.put_variable(col, "input_zero_point", zp)
+        act = self.config.activation_quantizer()
+        qp = act.finalize(self._read("quant_stats", "input"))
+        col = "params" if act.learnable else "quant_params"
+        self.put_variable(col, "input_scale", qp.scale)
+        if not act.symmetric:
+            self.put_variable(col, "input_zero_point", qp.zero_point)
 
     # ------------------------------------------------------------------ weights
     def _weight_qparams(self, kernel: jax.Array, spec: DotSpec) -> QParams:
         """Weight parameters in kernel form (see :mod:`qatjax.qdot`): LSQ-learned ones (stored
         in serving form in ``params``), else min/max of the current kernel."""
-        cfg = self.config
-        if cfg.learnable_scales and self.has_variable("params", "kernel_scale"):
+        if self.config.learnable_scales and self.has_variable("params", "kernel_scale"):
             scale = self._read("params", "kernel_scale")
             zp = (self._read("params", "kernel_zero_point")
                   if self.has_variable("params", "kernel_zero_point") else jnp.zeros_like(scale))
             return QParams(*(from_serving(a, spec, kernel.ndim) for a in (scale, zp)))
-        return specs.weight_qparams(jax.lax.stop_gradient(kernel), cfg)
+        return self.config.weight_quantizer().qparams(kernel, contracting_axes(spec, kernel.ndim))
 
-    def _learnable_kernel_scale(self, kernel: jax.Array, reset: bool) -> None:
+    def _learnable_kernel_scale(self, kernel: jax.Array, spec: DotSpec, reset: bool) -> None:
         """Creates (or, when finalizing, re-initialises) the LSQ weight parameters, stored in
         serving form (``[N]``, ``[N, G]`` or ``()``)."""
         cfg = self.config
         if not (cfg.learnable_scales and cfg.weight_format is not None):
             return
-        qp = specs.weight_qparams(kernel, cfg)
-        layout = specs.layout_spec(cfg.weight_format, self._group_size(), kernel.ndim > 2)
-        scale = to_serving(qp.scale, layout)
-        zp = to_serving(qp.zero_point, layout).astype(jnp.float32)
+        qp = cfg.weight_quantizer().qparams(kernel, contracting_axes(spec, kernel.ndim))
+        scale = to_serving(qp.scale, spec, kernel.ndim)
+        zp = to_serving(qp.zero_point, spec, kernel.ndim).astype(jnp.float32)
         if reset:
             self.put_variable("params", "kernel_scale", scale)
             if not cfg.weight_symmetric:
@@ -253,7 +213,8 @@ class _QuantLayer:
             if not cfg.weight_symmetric:
                 self.param("kernel_zero_point", lambda _: zp)
 
-    def _dot_spec(self, x_numel_per_example: int, w_numel_per_scale: int, **extra) -> DotSpec:
+    def _dot_spec(self, x_numel_per_example: int = 1, w_numel_per_scale: int = 1, conv: bool = False,
+                  **extra) -> DotSpec:
         cfg = self.config
         x_gs = w_gs = None
         if cfg.ste == "lsq" and cfg.lsq_grad_scale:
@@ -261,7 +222,7 @@ class _QuantLayer:
                 x_gs = lsq_grad_scale(x_numel_per_example, cfg.activation_format)
             if cfg.weight_format is not None:
                 w_gs = lsq_grad_scale(w_numel_per_scale, cfg.weight_format)
-        cls = ConvSpec if extra else DotSpec
+        cls = ConvSpec if conv else DotSpec
         # Masks are provably all ones for symmetric integer parameters taken from the
         # tensor's own absmax (|round(x / (amax / qmax))| <= qmax): skip computing them.
         w_fmt, x_fmt = cfg.weight_format, cfg.activation_format
@@ -293,12 +254,11 @@ class _QuantLayer:
         if mode in ("init", _FINALIZE):
             self._write_specs()
 
-    def _init_quant_state(self, kernel: jax.Array) -> None:
-        """fp8 delayed-scaling state and LSQ weight scales, for the dense ``kernel [K, N]``."""
+    def _init_quant_state(self, kernel: jax.Array, spec: DotSpec) -> None:
+        """fp8 delayed-scaling state and LSQ weight scales of ``kernel`` (as the layer uses it)."""
         if self.config.fp8_scaling == "delayed":
             self._fp8_meta()
-        if self.config.learnable_scales and self.config.weight_format is not None:
-            self._learnable_kernel_scale(kernel, reset=False)
+        self._learnable_kernel_scale(kernel, spec, reset=False)
 
     def _promote(self, inputs: jax.Array, kernel: jax.Array | None, bias: jax.Array | None
                  ) -> tuple[jax.Array, jax.Array | None]:
@@ -380,30 +340,24 @@ class _QuantLayer:
 
     def _quantized_forward(self, x: jax.Array, kernel: jax.Array | None, mode: str,
                            spec: DotSpec) -> jax.Array:
-        """Output of train / infer mode in float32, before bias."""
+        """Output of train / infer mode in float32, before bias: the one quantized contraction
+        of :mod:`qatjax.qdot` on the weight path's codes (stored ones once converted)."""
         if self.config.fp8_scaling is not None:
             return self._fp8_recipe_forward(x, kernel, mode)
-        x_qp = self._input_qparams(x, mode)
-        if mode == "train":
-            w_qp = None if spec.w_format is None else self._weight_qparams(kernel, spec)
-            return quantized_dot(x, kernel, x_qp, w_qp, spec)
-        if spec.w_format is None:
-            return reference_dot(x, kernel, x_qp, None, spec)
+        x_qp = self._input_qparams(x, mode, contracting_axes(spec, x.ndim, "lhs"))
         if self.has_variable("quant_params", "kernel_codes"):
-            qw = self._read("quant_params", "kernel_codes")
-            w_serving = QParams(*(self._read("quant_params", n)
-                                  for n in ("kernel_scale", "kernel_zero_point")))
-        else:
-            w_qp = self._weight_qparams(kernel, spec)
-            qw = quantize_kernel(kernel, w_qp, spec)
-            w_serving = QParams(*(to_serving(a, spec) for a in w_qp))
-        if spec.native is not None:
-            return dot_from_codes(quantize(x, x_qp, spec.x_format), qw, x_qp, w_serving, spec)
-        # Weight-only / mixed formats: the float reference on the dequantized kernel, which is
-        # exactly what train mode computes.
-        w_hat = dequantize_codes(qw, w_serving, spec)
-        w_hat = (w_hat if isinstance(spec, ConvSpec) else w_hat.T).astype(x.dtype)
-        return reference_dot(x, w_hat, x_qp, None, dataclasses.replace(spec, w_format=None))
+            codes = self._read("quant_params", "kernel_codes")
+            serving = QParams(*(self._read("quant_params", n)
+                                for n in ("kernel_scale", "kernel_zero_point")))
+            if (self.get_variable("quant_params", "kernel_spec").dtype == jnp.int32
+                    and spec.serving_perm(codes.ndim) != (1, 0) and codes.ndim == 2):
+                # Converted before the recipe was stored by name (int32 descriptors), when every
+                # dense layer served [N, K] codes and [N, G] parameters: read them in the
+                # kernel layout that layers other than int x int / fp8 x fp8 now serve.
+                codes, serving = codes.T, QParams(*(jnp.asarray(a).T for a in serving))
+            return serve(x, codes, x_qp, serving, spec)
+        w_qp = None if spec.w_format is None else self._weight_qparams(kernel, spec)
+        return quantized_dot(x, kernel, x_qp, w_qp, spec)
 
 
 class QatDense(_QuantLayer, nn.Dense):
@@ -430,12 +384,12 @@ class QatDense(_QuantLayer, nn.Dense):
             self._observe_or_finalize(inputs, mode)
             y = nn.Dense.__call__(self, inputs)
             if mode == "init":
-                self._init_quant_state(self._read("params", "kernel"))
+                self._init_quant_state(self._read("params", "kernel"), self._dot_spec())
             if mode == _FINALIZE:
-                self._learnable_kernel_scale(self._read("params", "kernel"), reset=True)
+                self._learnable_kernel_scale(self._read("params", "kernel"), self._dot_spec(), reset=True)
             return y
         if converted:
-            k_in = self._read("quant_params", "kernel_codes").shape[-1]
+            k_in = _codes_k(self._read("quant_params", "kernel_codes"), self._dot_spec())
             kernel = None
         else:
             kernel = self.param("kernel", self.kernel_init, (jnp.shape(inputs)[-1], self.features),
@@ -487,13 +441,13 @@ class QatDenseGeneral(_QuantLayer, nn.DenseGeneral):
                                   jnp.array((n_in,) + in_shape + features, jnp.int32))
             kernel = self._read("params", "kernel").reshape(k_in, n_out)
             if mode == "init":
-                self._init_quant_state(kernel)
+                self._init_quant_state(kernel, self._dot_spec())
             if mode == _FINALIZE:
-                self._learnable_kernel_scale(kernel, reset=True)
+                self._learnable_kernel_scale(kernel, self._dot_spec(), reset=True)
             return y
         kernel = None
         if converted:
-            k_codes = self._read("quant_params", "kernel_codes").shape[-1]
+            k_codes = _codes_k(self._read("quant_params", "kernel_codes"), self._dot_spec())
             if k_codes != k_in:
                 raise ValueError(f"QatDenseGeneral {self.path_str()}: inputs have {in_shape} on the "
                                  f"contracted axes, but the kernel codes expect {k_codes} values.")
@@ -505,6 +459,12 @@ class QatDenseGeneral(_QuantLayer, nn.DenseGeneral):
         x = inputs.reshape(inputs.shape[:-n_in] + (k_in,))
         y = self._quantized_dense(x, kernel, bias, mode, k_in, n_out)
         return y.reshape(inputs.shape[:-n_in] + features)
+
+
+def _codes_k(codes: jax.Array, spec: DotSpec) -> int:
+    """The contraction size of stored dense codes (``[N, K]`` or ``[K, N]``, see
+    :meth:`qatjax.qdot.DotSpec.serving_perm`)."""
+    return codes.shape[spec.serving_perm(2).index(0) - 2]
 
 
 def _flat_init(init, n_in: int):
@@ -524,12 +484,13 @@ def _flat_init(init, n_in: int):
 class QatConv(_QuantLayer, nn.Conv):
     """Quantization-aware drop-in for ``flax.linen.Conv`` (shared weights).
 
-    Weights are quantized per tensor or per output channel and must be symmetric (the
-    integer path's zero-point correction then needs no window sums); activations may be
-    affine (uint8). The input is padded in float before quantization, so padding holds
+    Weights are quantized per tensor or per output channel, symmetric or affine (a weight
+    zero point, uint8 codes included, costs the integer path one window-sum
+    convolution); activations may be affine (uint8). The input is padded in float before quantization, so padding holds
     real zeros in every mode. ``input_dilation`` other than 1 needs symmetric activations
     (its inserted zeros must be code 0); ``mask`` is applied to the kernel before
-    quantization.
+    quantization in every mode, and stored as ``quant_params/kernel_mask`` so that
+    :func:`qatjax.convert` quantizes the same masked kernel.
 
     Shapes: ``x [batch..., *spatial, C_in] -> y [batch..., *spatial', features]``;
     ``kernel [*kernel_size, C_in / feature_group_count, features]``.
@@ -546,8 +507,6 @@ class QatConv(_QuantLayer, nn.Conv):
         if cfg.weight_granularity == "per_group":
             raise ValueError("QatConv: weight_granularity='per_group' is not supported for convolutions; "
                              "use 'per_channel' or 'per_tensor'.")
-        if cfg.weight_format is not None and not cfg.weight_symmetric:
-            raise ValueError("QatConv: weights must be symmetric (weight_symmetric=True).")
         if cfg.fp8_scaling is not None:
             raise ValueError("QatConv: the fp8 training recipe (fp8_scaling) is implemented for "
                              "QatDense only.")
@@ -558,7 +517,19 @@ class QatConv(_QuantLayer, nn.Conv):
         kernel_size = (self.kernel_size,) if isinstance(self.kernel_size, int) else tuple(self.kernel_size)
         if mode in ("float", "init", "calibrate", _FINALIZE):
             self._observe_or_finalize(inputs, mode)
-            return nn.Conv.__call__(self, inputs)
+            y = nn.Conv.__call__(self, inputs)
+            if mode in ("init", _FINALIZE):
+                kernel = self._read("params", "kernel")
+                if self.mask is not None:
+                    # convert() quantizes the kernel as the layer uses it: masked.
+                    if self.is_mutable_collection("quant_params"):
+                        self.put_variable("quant_params", "kernel_mask", jnp.asarray(self.mask, jnp.bool_))
+                    kernel = kernel * self.mask
+                if mode == "init":
+                    self._init_quant_state(kernel, self._dot_spec(conv=True))
+                else:
+                    self._learnable_kernel_scale(kernel, self._dot_spec(conv=True), reset=True)
+            return y
         return self._quantized_conv(inputs, kernel_size, mode, converted)
 
     def _quantized_conv(self, inputs, kernel_size, mode, converted):
@@ -598,7 +569,7 @@ class QatConv(_QuantLayer, nn.Conv):
         dn = lax.conv_dimension_numbers(inputs.shape, kernel_shape, _dn(n_sp))
         window = int(np.prod(kernel_shape[:-1]))
         per_scale = window if cfg.weight_granularity == "per_channel" else window * self.features
-        spec = self._dot_spec(window, per_scale, strides=strides, rhs_dilation=k_dil,
+        spec = self._dot_spec(window, per_scale, conv=True, strides=strides, rhs_dilation=k_dil,
                               feature_group_count=self.feature_group_count, dimension_numbers=dn)
         y = self._quantized_forward(inputs, kernel, mode, spec).astype(inputs.dtype)
         if bias is not None:

@@ -6,51 +6,137 @@ and its served codes always agree. They are in *kernel form* (broadcasting again
 the Flax kernel, see :mod:`qatjax.qdot`); :func:`qatjax.qdot.to_serving` gives the
 stored form.
 
-``describe(config)`` gives int32 descriptors (``kernel_spec``, ``input_spec``,
-``fp8_spec``) that layers write to ``quant_params`` so that tools (convert, inspect,
-export) can work from the variables alone.
+Descriptors
+-----------
+``describe(config)`` gives the descriptors that layers write to ``quant_params`` so
+that tools (convert, inspect, export) can work from the variables alone. Each one is
+a ``uint8`` array holding the UTF-8 bytes of a compact JSON object that names
+everything (no indices into tuples) and carries the descriptor version ``"v"``:
+
+* ``kernel_spec``: ``{"v": 1, "format": "int8", "granularity": "per_channel",
+  "group_size": null, "symmetric": true}``; ``format`` is a format name
+  (:func:`qatjax.formats.format_from_name`: ``"int4"``, ``"uint8"``, ``"fp8_e4m3"``...)
+  or ``null`` for a float kernel; ``granularity`` one of
+  :data:`qatjax.config.GRANULARITIES`.
+* ``input_spec``: ``{"v": 1, "format": "int8", "symmetric": true, "scaling": "static",
+  "estimator": "entropy"}``; ``scaling`` one of :data:`INPUT_SCALINGS`, ``estimator``
+  one of :data:`qatjax.config.ESTIMATORS`.
+* ``fp8_spec``: ``{"v": 1, "scaling": null, "margin": 0}``; ``scaling`` ``null``,
+  ``"current"`` or ``"delayed"``.
+* ``dense_general_spec`` (QatDenseGeneral, :func:`describe_dense_general`):
+  ``{"v": 1, "n_in": 1, "kernel_shape": [64, 8, 16]}``.
+
+``"v"`` comes first, then the other keys sorted, without spaces. Arrays (not
+strings), because variables pass through ``jit``, ``nn.scan`` / ``nn.vmap`` stacking
+and checkpoints: ``L`` stacked layers hold ``[L, nbytes]`` (identical rows). Readers
+ignore unknown keys and refuse a version newer than :data:`SPEC_VERSION`.
+
+Descriptors written before version 1 are ``int32`` arrays of indices and are still
+read (told apart by dtype): ``kernel_spec = [format code, granularity index, group
+size or 0, symmetric]``, ``input_spec = [format code, symmetric, scaling index,
+estimator index]``, ``fp8_spec = [0 none / 1 current / 2 delayed, margin]``,
+``dense_general_spec = [n_in, *kernel_shape]``; format codes are
+:func:`qatjax.formats.format_code`'s.
 """
 
 from __future__ import annotations
+
+import functools
+import json
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from qatjax.config import ESTIMATORS, GRANULARITIES, QatConfig
-from qatjax.formats import Format, format_code, format_from_code
+from qatjax.formats import Format, format_from_code, format_from_name
 from qatjax.qdot import ConvSpec, DotSpec
 from qatjax.qparams import QParams, qparams_from_amax, qparams_from_minmax, split_groups
 
 __all__ = [
     "describe",
+    "describe_dense_general",
     "parse_kernel_spec",
     "parse_input_spec",
+    "parse_fp8_spec",
     "stack_shape",
     "parse_dense_general_spec",
     "INPUT_SCALINGS",
+    "FP8_SPEC_SCALINGS",
+    "SPEC_VERSION",
     "weight_qparams",
     "weight_qparams_for",
     "layout_spec",
 ]
 
+# Version of the named (JSON) descriptors; the int32 ones that came before are version 0.
+SPEC_VERSION = 1
+
+# How a layer's input scale is obtained (``input_spec``'s ``scaling``).
+INPUT_SCALINGS = ("dynamic", "static", "dynamic per token")
+
+# ``fp8_spec``'s ``scaling`` (the int32 descriptors stored the index).
+FP8_SPEC_SCALINGS = (None, "current", "delayed")
+
+
+def _format_name(fmt: Format | None) -> str | None:
+    return None if fmt is None else fmt.name
+
+
+def _format(name: str | None, what: str) -> Format | None:
+    if name is None:
+        return None
+    try:
+        return format_from_name(name)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"`{what}`: {e}") from None
+
+
+def _encode(doc: dict[str, Any]) -> np.ndarray:
+    text = json.dumps({"v": SPEC_VERSION, **dict(sorted(doc.items()))}, separators=(",", ":"))
+    return np.frombuffer(text.encode("utf-8"), np.uint8)
+
+
+def _describe_bytes(cfg: QatConfig) -> tuple[tuple[str, bytes], ...]:
+    try:
+        return _describe_bytes_cached(cfg)
+    except TypeError:  # an unhashable config (a subclass with a list field...): no cache
+        return _describe_bytes_uncached(cfg)
+
+
+def _describe_bytes_uncached(cfg: QatConfig) -> tuple[tuple[str, bytes], ...]:
+    docs = {
+        "kernel_spec": {
+            "format": _format_name(cfg.weight_format),
+            "granularity": cfg.weight_granularity,
+            "group_size": cfg.weight_group_size or None,
+            "symmetric": bool(cfg.weight_symmetric)},
+        "input_spec": {
+            "format": _format_name(cfg.activation_format),
+            "symmetric": bool(cfg.activation_symmetric),
+            "scaling": _input_scaling(cfg),
+            "estimator": cfg.activation_estimator},
+        "fp8_spec": {"scaling": cfg.fp8_scaling, "margin": int(cfg.fp8_margin)},
+    }
+    return tuple((name, _encode(doc).tobytes()) for name, doc in docs.items())
+
+
+_describe_bytes_cached = functools.lru_cache(maxsize=256)(_describe_bytes_uncached)
+
 
 def describe(cfg: QatConfig) -> dict[str, jax.Array]:
-    """``kernel_spec = [format code, granularity index, group size, symmetric]``,
-    ``input_spec = [format code, symmetric, scaling (0 dynamic per tensor, 1 static,
-    2 dynamic per token), estimator index]`` and
-    ``fp8_spec = [fp8 scaling (0 none, 1 current, 2 delayed), margin]`` as int32 arrays."""
-    return {
-        "kernel_spec": jnp.array([
-            format_code(cfg.weight_format), GRANULARITIES.index(cfg.weight_granularity),
-            cfg.weight_group_size or 0, int(cfg.weight_symmetric)], jnp.int32),
-        "input_spec": jnp.array([
-            format_code(cfg.activation_format), int(cfg.activation_symmetric),
-            INPUT_SCALINGS.index(_input_scaling(cfg)),
-            ESTIMATORS.index(cfg.activation_estimator)], jnp.int32),
-        "fp8_spec": jnp.array([
-            (None, "current", "delayed").index(cfg.fp8_scaling), cfg.fp8_margin], jnp.int32),
-    }
+    """The layer's descriptors ``kernel_spec``, ``input_spec`` and ``fp8_spec``: uint8
+    arrays of named JSON documents (see the module docstring)."""
+    return {name: jnp.asarray(np.frombuffer(data, np.uint8))
+            for name, data in _describe_bytes(cfg)}
+
+
+def describe_dense_general(n_in: int, kernel_shape) -> jax.Array:
+    """QatDenseGeneral's ``dense_general_spec``: the kernel's shape and how many of its
+    leading axes are contracted (a uint8 JSON document, see the module docstring)."""
+    return jnp.asarray(_encode({"n_in": int(n_in),
+                                "kernel_shape": [int(d) for d in kernel_shape]}))
 
 
 def stack_shape(spec) -> tuple[int, ...]:
@@ -59,37 +145,91 @@ def stack_shape(spec) -> tuple[int, ...]:
     return tuple(np.shape(spec)[:-1])
 
 
-def _row(spec, name: str) -> list[int]:
-    """The descriptor's values; stacked layers must all describe the same recipe."""
-    rows = np.asarray(jax.device_get(spec)).reshape(-1, np.shape(spec)[-1])
+def _read(spec, name: str) -> dict[str, Any] | list[int]:
+    """The descriptor's content: a dict (named descriptor) or a list of ints (int32
+    descriptor of version 0). Stacked layers must all describe the same recipe."""
+    arr = np.asarray(jax.device_get(spec))
+    if arr.ndim == 0:
+        raise ValueError(f"`{name}`: expected a descriptor array, got a scalar.")
+    rows = arr.reshape(-1, arr.shape[-1])
     if not (rows == rows[0]).all():
-        raise ValueError(f"`{name}`: stacked layers describe different recipes ({rows.tolist()}).")
-    return [int(v) for v in rows[0]]
+        shown = ([bytes(r).decode("utf-8", "replace") for r in np.unique(rows, axis=0)]
+                 if arr.dtype == np.uint8 else rows.tolist())
+        raise ValueError(f"`{name}`: stacked layers describe different recipes ({shown}).")
+    if arr.dtype == np.uint8:
+        try:
+            doc = json.loads(bytes(rows[0]).decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            raise ValueError(f"`{name}`: not a qatjax descriptor (uint8 but not JSON).") from None
+        if not isinstance(doc, dict) or not isinstance(doc.get("v"), int):
+            raise ValueError(f"`{name}`: not a qatjax descriptor (no version \"v\").")
+        if doc["v"] > SPEC_VERSION:
+            raise ValueError(
+                f"`{name}`: descriptor version {doc['v']} was written by a newer qatjax "
+                f"(this one reads up to version {SPEC_VERSION}); upgrade qatjax.")
+        return doc
+    if np.issubdtype(arr.dtype, np.integer):
+        return [int(v) for v in rows[0]]
+    raise ValueError(f"`{name}`: descriptors are uint8 (named) or int32 arrays, got {arr.dtype}.")
+
+
+def _field(doc: dict[str, Any], key: str, name: str, choices=None) -> Any:
+    if key not in doc:
+        raise ValueError(f"`{name}`: descriptor has no {key!r} ({doc}).")
+    value = doc[key]
+    if choices is not None and value not in choices:
+        raise ValueError(f"`{name}`: {key}={value!r} is not one of {list(choices)}.")
+    return value
 
 
 def parse_kernel_spec(spec) -> tuple[Format | None, str, int | None, bool]:
     """Inverse of the ``kernel_spec`` descriptor: ``(format, granularity, group_size, symmetric)``.
-    Accepts stacked descriptors ``[..., 4]`` of identical rows."""
-    code, gran, group, sym = _row(spec, "kernel_spec")
-    return format_from_code(code), GRANULARITIES[gran], (group or None), bool(sym)
+    Accepts stacked descriptors of identical rows, and int32 descriptors."""
+    doc = _read(spec, "kernel_spec")
+    if isinstance(doc, list):
+        code, gran, group, sym = doc
+        return format_from_code(code), GRANULARITIES[gran], (group or None), bool(sym)
+    return (_format(_field(doc, "format", "kernel_spec"), "kernel_spec"),
+            _field(doc, "granularity", "kernel_spec", GRANULARITIES),
+            _field(doc, "group_size", "kernel_spec") or None,
+            bool(_field(doc, "symmetric", "kernel_spec")))
 
 
 def parse_input_spec(spec) -> tuple[Format | None, bool, str, str]:
     """Inverse of ``input_spec``: ``(format, symmetric, scaling, estimator name)``, scaling
-    one of :data:`INPUT_SCALINGS`; stacked descriptors as for :func:`parse_kernel_spec`."""
-    code, sym, scaling, est = _row(spec, "input_spec")
-    return format_from_code(code), bool(sym), INPUT_SCALINGS[scaling], ESTIMATORS[est]
+    one of :data:`INPUT_SCALINGS`; stacked and int32 descriptors as for :func:`parse_kernel_spec`."""
+    doc = _read(spec, "input_spec")
+    if isinstance(doc, list):
+        code, sym, scaling, est = doc
+        return format_from_code(code), bool(sym), INPUT_SCALINGS[scaling], ESTIMATORS[est]
+    return (_format(_field(doc, "format", "input_spec"), "input_spec"),
+            bool(_field(doc, "symmetric", "input_spec")),
+            _field(doc, "scaling", "input_spec", INPUT_SCALINGS),
+            _field(doc, "estimator", "input_spec", ESTIMATORS))
+
+
+def parse_fp8_spec(spec) -> tuple[str | None, int]:
+    """Inverse of ``fp8_spec``: ``(scaling, margin)``, scaling ``None``, ``"current"`` or
+    ``"delayed"``; ``spec=None`` (a layer without the descriptor) gives ``(None, 0)``."""
+    if spec is None:
+        return None, 0
+    doc = _read(spec, "fp8_spec")
+    if isinstance(doc, list):
+        scaling, margin = doc
+        return FP8_SPEC_SCALINGS[scaling], margin
+    return (_field(doc, "scaling", "fp8_spec", FP8_SPEC_SCALINGS),
+            int(_field(doc, "margin", "fp8_spec")))
 
 
 def parse_dense_general_spec(spec) -> tuple[int, tuple[int, ...]]:
-    """``dense_general_spec = [n_in, *kernel_shape]`` (written by QatDenseGeneral) ->
-    ``(n_in, kernel_shape)``: the kernel is the dense ``[prod(shape[:n_in]), prod(shape[n_in:])]``."""
-    n_in, *shape = _row(spec, "dense_general_spec")
-    return n_in, tuple(shape)
-
-
-# How a layer's input scale is obtained; the index is what ``input_spec`` stores.
-INPUT_SCALINGS = ("dynamic", "static", "dynamic per token")
+    """``dense_general_spec`` (written by QatDenseGeneral) -> ``(n_in, kernel_shape)``: the
+    kernel is the dense ``[prod(shape[:n_in]), prod(shape[n_in:])]``."""
+    doc = _read(spec, "dense_general_spec")
+    if isinstance(doc, list):
+        n_in, *shape = doc
+        return n_in, tuple(shape)
+    return (int(_field(doc, "n_in", "dense_general_spec")),
+            tuple(int(d) for d in _field(doc, "kernel_shape", "dense_general_spec")))
 
 
 def _input_scaling(cfg: QatConfig) -> str:

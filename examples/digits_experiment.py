@@ -1,5 +1,12 @@
 """The handwritten-digits experiment: float training, PTQ and QAT recipes, evaluation.
 
+Example code, not part of the ``qatjax`` package: it lives in ``examples/`` of a source
+checkout and needs the example dependencies (optax, scikit-learn, matplotlib, tqdm)::
+
+    pip install -e ".[examples]"
+
+It uses only qatjax's public API (``qatjax.*``, :class:`qatjax.flax.QatDense`).
+
 scikit-learn's bundled 8x8 digits (1797 images, no download) with a fixed, seeded,
 stratified train/test split; an MLP 64-256-256-10 built from
 :class:`~qatjax.flax.QatDense`. The same module runs in every mode: ``"float"`` to
@@ -7,12 +14,15 @@ train the baseline, ``"calibrate"`` (through :func:`qatjax.calibrate`), ``"train
 (fake quantization, for QAT and for evaluating PTQ) and ``"infer"`` (the integer /
 fp8 serving path on :func:`qatjax.convert`'s variables).
 
-Used by ``examples/qat_digits.py`` (the tutorial) and the ``qatjax run`` command::
+Used by ``examples/qat_digits.py`` (the tutorial), the other examples, and the
+``qatjax run`` command (which loads this file from the checkout)::
 
-    data = load_data()
-    model, float_vars = train_float(data)
-    row = run_recipe(QatConfig(activation_estimator="mse"), "ptq", float_vars, data)
-    print(format_table([float_row(model, float_vars, data), row]))
+    import digits_experiment as digits   # with examples/ on sys.path
+
+    data = digits.load_data()
+    model, float_vars = digits.train_float(data)
+    row = digits.run_recipe(QatConfig(activation_estimator="mse"), "ptq", float_vars, data)
+    print(digits.format_table([digits.float_row(model, float_vars, data), row]))
 
 Every step is deterministic for a given seed (CPU).
 """
@@ -34,7 +44,7 @@ import optax
 import yaml
 
 import qatjax
-from qatjax.config import QatConfig
+from qatjax import QatConfig
 from qatjax.flax import QatDense
 
 __all__ = [
@@ -66,9 +76,12 @@ __all__ = [
     "plot_histogram",
     "plot_accuracy",
     "RECIPE_KINDS",
+    "ESTIMATORS",
 ]
 
 RECIPE_KINDS = ("ptq", "qat")
+# The activation estimators (QatConfig.activation_estimator): minmax, percentile, entropy, mse.
+ESTIMATORS = tuple(qatjax.calibration.METHODS)
 # The float model never quantizes; a weight-only config creates no calibration state at init.
 _FLOAT_CONFIG = QatConfig(activation_format=None)
 
