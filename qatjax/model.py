@@ -312,7 +312,15 @@ def _layout(qp_tree: Mapping[str, Any], conv: bool) -> DotSpec:
     formats, symmetry, groups, dense or conv)."""
     fmt, _, group, sym = specs.parse_kernel_spec(qp_tree["kernel_spec"])
     in_fmt, in_sym, _, _ = specs.parse_input_spec(qp_tree["input_spec"])
-    return (ConvSpec if conv else DotSpec)(in_fmt, fmt, in_sym, sym, group_size=group)
+    dims = None
+    if "einsum_kernel_axes" in qp_tree:  # QatEinsum: the kernel's contracted axes (the weight
+        # path needs only the rhs side of the contraction)
+        axes = np.asarray(qp_tree["einsum_kernel_axes"])
+        rc = tuple(int(a) for a in axes.reshape(-1, axes.shape[-1])[0]) if axes.size else ()
+        dims = ((rc, rc), ((), ()))
+    if conv and dims is None:
+        return ConvSpec(in_fmt, fmt, in_sym, sym, group_size=group)
+    return DotSpec(in_fmt, fmt, in_sym, sym, group_size=group, dimension_numbers=dims)
 
 
 def _serving_weights(layer: Mapping[str, Mapping[str, Any]], name: str
@@ -498,7 +506,8 @@ def quantize_model_weights(variables: Variables, *, pack: bool = True) -> dict:
     "params": <params without the quantized kernels>}``. Codes of formats of 4 bits or
     fewer are packed two per byte along the last axis when ``pack`` is True. ``shape``
     is the kernel's shape in the Flax layout (``[K, N]`` for dense), ``in_ndim`` how many
-    of its leading axes are contracted (0: a convolution), ``transposed`` whether the codes
+    of its leading axes are contracted (0: a convolution or an einsum kernel, whose codes keep
+    its layout and whose contracted axes ``contracting`` lists), ``transposed`` whether the codes
     are the dense ``[N, K]`` (the layout of integer x integer and fp8 x fp8 layers; other
     dense layers, and convolutions, keep the kernel's layout, the dense ones as
     ``[K, N]``), ``spec`` the layer's ``kernel_spec``. Serving parameters are ``()``,
@@ -515,10 +524,12 @@ def quantize_model_weights(variables: Variables, *, pack: bool = True) -> dict:
         do_pack = pack and not fmt.is_float and fmt.bits <= 4
         stack = specs.stack_shape(qp_tree["kernel_spec"])
         layout = codes.shape[len(stack):]
-        transposed = _layout(qp_tree, len(layout) > 2).serving_perm(len(layout)) == (1, 0)
+        spec = _layout(qp_tree, len(layout) > 2)
+        transposed = spec.serving_perm(len(layout)) == (1, 0)
+        contracting = contracting_axes(spec, len(layout))  # in the kernel's (flat) layout
         if "dense_general_spec" in qp_tree:
             in_ndim, shape = specs.parse_dense_general_spec(qp_tree["dense_general_spec"])
-        elif len(layout) > 2:  # convolution: the codes keep the kernel's layout
+        elif len(layout) > 2 or "einsum_kernel_axes" in qp_tree:  # conv / einsum kernels
             in_ndim, shape = 0, layout
         else:
             in_ndim, shape = 1, layout[::-1] if transposed else layout
@@ -531,6 +542,7 @@ def quantize_model_weights(variables: Variables, *, pack: bool = True) -> dict:
             "shape": jnp.asarray(flax_shape, jnp.int32),
             "in_ndim": jnp.asarray(in_ndim, jnp.int32),
             "transposed": jnp.asarray(transposed),
+            "contracting": jnp.asarray(contracting, jnp.int32),
             "packed": jnp.asarray(do_pack),
         }
     return {"layers": layers, "params": served.get("params", {})}
@@ -551,11 +563,14 @@ def dequantize_weights(exported: Mapping[str, Any]) -> dict:
         in_ndim = int(np.asarray(entry["in_ndim"])) if "in_ndim" in entry else (0 if len(shape) > 2 else 1)
         conv = in_ndim == 0
         k_in = int(np.prod(shape[:in_ndim]))
-        # Exports without `transposed` (before it existed) hold every dense kernel as [N, K].
+        # Exports without `transposed` / `contracting` (before they existed) hold every dense
+        # kernel as [N, K] and contract a conv kernel over all but its last axis.
         transposed = bool(np.asarray(entry.get("transposed", not conv)))
         flat = shape if conv else (k_in, int(np.prod(shape)) // k_in)
         layout_shape = flat[::-1] if transposed else flat
-        spec = (ConvSpec if conv else DotSpec)(None, fmt, group_size=group)  # kernel layout
+        default = tuple(range(len(flat) - 1)) if conv else (0,)
+        rc = tuple(int(a) for a in np.asarray(entry.get("contracting", default)).reshape(-1))
+        spec = DotSpec(None, fmt, group_size=group, dimension_numbers=((rc, rc), ((), ())))
         kernels = []
         for idx in np.ndindex(*stack):
             codes = entry["codes"][idx]

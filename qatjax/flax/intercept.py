@@ -19,13 +19,21 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
 
+import contextvars
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
 from qatjax.config import QatConfig
-from qatjax.flax.layers import MODES, QatConv, QatDense, QatDenseGeneral
+from qatjax.flax.layers import _FINALIZE, MODES, QatConv, QatDense, QatDenseGeneral, QatEinsum, _forced_mode
+from qatjax.qdot import DotSpec, quantized_einsum, quantized_dot_general
+from qatjax.qparams import QParams
 
 __all__ = ["quantize_model"]
 
@@ -37,7 +45,22 @@ _TWINS = {
     nn.Dense: (QatDense, ("dot_general", "dot_general_cls")),
     nn.DenseGeneral: (QatDenseGeneral, ("dot_general", "dot_general_cls")),
     nn.Conv: (QatConv, ("conv_general_dilated", "conv_general_dilated_cls")),
+    nn.Einsum: (QatEinsum, ()),
 }
+
+# The module whose method is running, with its recipe and a counter of its contractions;
+# None inside qatjax's own layers and contractions (nothing to intercept there).
+_frame: contextvars.ContextVar["_Frame | None"] = contextvars.ContextVar("qatjax_frame", default=None)
+_ORIGINAL = {"dot_general": lax.dot_general, "einsum": jnp.einsum}
+
+
+@dataclasses.dataclass
+class _Frame:
+    module: nn.Module
+    config: QatConfig
+    mode: str | None
+    axis_name: str | None
+    calls: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,13 +78,18 @@ class _Interceptor:
 
     def __call__(self, next_fun, args, kwargs, context):
         module = context.module
-        twin = _TWINS.get(type(module))
-        if twin is None or context.method_name != "__call__" or module.scope is None:
+        if module.scope is None:
             return next_fun(*args, **kwargs)
         path = "/".join(module.scope.path)
         cfg = self.config_for(path)
-        if cfg is None:
-            return next_fun(*args, **kwargs)
+        twin = _TWINS.get(type(module))
+        if cfg is None or isinstance(module, tuple(t for t, _ in _TWINS.values())):
+            return _within(None, next_fun, args, kwargs)  # float, or a qatjax layer already
+        if twin is None or context.method_name != "__call__":
+            # Any other module (attention, subclasses of nn.Dense, custom layers): its own
+            # lax.dot_general / jnp.einsum calls are quantized (children get their own frame).
+            frame = _Frame(module, cfg, self.mode, self.axis_name)
+            return _within(frame, next_fun, args, kwargs)
         cls, custom = twin
         for name in custom:
             if getattr(module, name) is not None:
@@ -73,7 +101,128 @@ class _Interceptor:
                   if f.init and f.name not in ("parent", "name")}
         layer = cls(**fields, config=cfg, mode=self.mode, axis_name=self.axis_name,
                     parent=module.scope)
-        return layer(*args, **kwargs)
+        return _within(None, layer, args, kwargs)
+
+
+def _within(frame: "_Frame | None", fun, args, kwargs):
+    token = _frame.set(frame)
+    try:
+        return fun(*args, **kwargs)
+    finally:
+        _frame.reset(token)
+
+
+def _is_param(module: nn.Module, a: Any) -> bool:
+    """Whether ``a`` is one of ``module``'s own parameters: the very array, or (after a dtype
+    promotion or under a transformation, which make a new array) an array of the shape of
+    one of its parameters of rank 2 or more."""
+    params = [nn.meta.unbox(v) for v in module.variables.get("params", {}).values()
+              if not isinstance(v, Mapping)]
+    return any(a is p for p in params) or any(
+        jnp.ndim(p) >= 2 and jnp.shape(p) == jnp.shape(a) for p in params)
+
+
+def _intercepted_dot_general(lhs, rhs, dimension_numbers, precision=None,
+                             preferred_element_type=None, **kwargs):
+    frame = _frame.get()
+    if frame is None:
+        return _ORIGINAL["dot_general"](lhs, rhs, dimension_numbers, precision=precision,
+                                        preferred_element_type=preferred_element_type, **kwargs)
+    y = _quantized_call(frame, "dot_general", lhs, rhs, dimension_numbers,
+                        lambda: _ORIGINAL["dot_general"](lhs, rhs, dimension_numbers,
+                                                         precision=precision,
+                                                         preferred_element_type=preferred_element_type,
+                                                         **kwargs))
+    return y.astype(preferred_element_type or jnp.result_type(lhs, rhs))
+
+
+def _intercepted_einsum(subscripts, *operands, **kwargs):
+    frame = _frame.get()
+    if frame is None or not isinstance(subscripts, str) or len(operands) != 2:
+        return _ORIGINAL["einsum"](subscripts, *operands, **kwargs)
+    lhs, rhs = operands
+    from qatjax.qdot import einsum_dimension_numbers
+
+    dims, _ = einsum_dimension_numbers(subscripts, jnp.ndim(lhs), jnp.ndim(rhs))
+    y = _quantized_call(frame, "einsum", lhs, rhs, dims,
+                        lambda: _ORIGINAL["einsum"](subscripts, *operands, **kwargs),
+                        subscripts=subscripts)
+    out_dtype = kwargs.get("preferred_element_type") or jnp.result_type(lhs, rhs)
+    return y.astype(out_dtype)
+
+
+def _quantized_call(frame: _Frame, op: str, lhs, rhs, dims, float_call, subscripts=None):
+    """One intercepted contraction of ``frame.module``: named ``{op}{i}`` (its ``i``-th call);
+    an operand that is one of the module's parameters is a weight (the config's weight
+    recipe), any other an activation (its activation recipe, with state
+    ``quant_stats/{op}{i}_{lhs,rhs}`` and ``quant_params/{op}{i}_{lhs,rhs}_scale`` /
+    ``_zero_point``)."""
+    module, cfg = frame.module, frame.config
+    name = f"{op}{frame.calls}"
+    frame.calls += 1
+    mode = _forced_mode.get() or frame.mode
+    if mode is None and not module.is_initializing():
+        raise ValueError(f"quantize_model: no mode for {'/'.join(module.scope.path)}/{name}; "
+                         f"pass mode= or use qatjax.flax.quant_mode.")
+    if cfg.learnable_scales or cfg.fp8_scaling is not None:
+        raise ValueError(f"quantize_model: {'/'.join(module.scope.path)}/{name} is a "
+                         f"{op} call, which takes static or dynamic scales (no learnable_scales "
+                         "or fp8_scaling); give it its own rule.")
+    (lc, rc), _ = lax_dims = _canonical(dims, jnp.ndim(lhs), jnp.ndim(rhs))
+    roles = ["weight" if _is_param(module, a) else "activation" for a in (lhs, rhs)]
+    act = cfg.activation_quantizer()
+    token = _frame.set(None)
+    try:
+        if module.is_initializing() or mode in ("float", "calibrate", _FINALIZE):
+            for side, a, role in (("lhs", lhs, roles[0]), ("rhs", rhs, roles[1])):
+                if role == "activation" and act is not None and act.static:
+                    stats = module.variable("quant_stats", f"{name}_{side}", act.init)
+                    if mode == "calibrate":
+                        stats.value = act.observe(stats.value, a, frame.axis_name)
+                    if mode == _FINALIZE:
+                        qp = act.finalize(stats.value)
+                        module.put_variable("quant_params", f"{name}_{side}_scale", qp.scale)
+                        module.put_variable("quant_params", f"{name}_{side}_zero_point", qp.zero_point)
+            return float_call()
+        qps, fmts, syms = [], [], []
+        for side, a, role, axes in (("lhs", lhs, roles[0], lc), ("rhs", rhs, roles[1], rc)):
+            if role == "weight":
+                wq = cfg.weight_quantizer()
+                qps.append(None if wq is None else wq.qparams(a, axes))
+                fmts.append(cfg.weight_format)
+                syms.append(cfg.weight_symmetric)
+            elif act is None:
+                qps.append(None), fmts.append(None), syms.append(True)
+            else:
+                if act.static:
+                    scale_name = f"{name}_{side}_scale"
+                    if not module.has_variable("quant_params", scale_name):
+                        raise ValueError(
+                            f"quantize_model: {'/'.join(module.scope.path)}/{name} needs calibrated "
+                            "activation parameters; run qatjax.calibrate first, or use "
+                            "activation_scaling='dynamic'.")
+                    qps.append(QParams(module.get_variable("quant_params", scale_name),
+                                       module.get_variable("quant_params", f"{name}_{side}_zero_point")))
+                else:
+                    qps.append(act.dynamic_qparams(a, axes, frame.axis_name))
+                fmts.append(act.format)
+                syms.append(act.symmetric)
+        if roles[0] == "weight" and roles[1] == "activation":
+            raise ValueError(f"quantize_model: {'/'.join(module.scope.path)}/{name} contracts a "
+                             "parameter as its left operand; only the right operand can be the weight.")
+        group = cfg.weight_group_size if (cfg.weight_granularity == "per_group" and roles[1] == "weight") else None
+        spec = DotSpec(fmts[0], fmts[1], syms[0], syms[1], ste=cfg.ste, group_size=group)
+        if subscripts is not None:
+            return quantized_einsum(subscripts, lhs, rhs, qps[0], qps[1], spec)
+        return quantized_dot_general(lhs, rhs, lax_dims, qps[0], qps[1], spec)
+    finally:
+        _frame.reset(token)
+
+
+def _canonical(dims, lhs_ndim, rhs_ndim):
+    from qatjax.integer import canonical_dims
+
+    return canonical_dims(dims, lhs_ndim, rhs_ndim)
 
 
 def quantize_model(model: nn.Module, config: QatConfig | None = QatConfig(), *,
@@ -127,7 +276,19 @@ def quantize_model(model: nn.Module, config: QatConfig | None = QatConfig(), *,
 def _intercepted(method, interceptor: _Interceptor):
     @functools.wraps(method)  # keeps Flax's markers (``nn.compact``) on the new method
     def run(self, *args, **kwargs):
-        with nn.intercept_methods(interceptor):
-            return method(self, *args, **kwargs)
+        patched = lax.dot_general is _intercepted_dot_general
+        if not patched:  # route the primitives through the frames while the model runs
+            lax.dot_general, jnp.einsum = _intercepted_dot_general, _intercepted_einsum
+            jax.lax.dot_general, jax.numpy.einsum = _intercepted_dot_general, _intercepted_einsum
+        try:
+            with nn.intercept_methods(interceptor):
+                # The model's own method: its direct contractions follow the root's rule.
+                root_cfg = interceptor.config_for("")
+                frame = None if root_cfg is None else _Frame(self, root_cfg, interceptor.mode,
+                                                              interceptor.axis_name)
+                return _within(frame, method, (self,) + args, kwargs)
+        finally:
+            if not patched:
+                lax.dot_general, jnp.einsum = _ORIGINAL["dot_general"], _ORIGINAL["einsum"]
 
     return run

@@ -1,5 +1,7 @@
-"""``QatDense``, ``QatDenseGeneral`` and ``QatConv``: drop-ins for ``nn.Dense`` /
-``nn.DenseGeneral`` / ``nn.Conv`` that quantize.
+"""``QatDense``, ``QatDenseGeneral``, ``QatConv`` and ``QatEinsum``: drop-ins for ``nn.Dense`` /
+``nn.DenseGeneral`` / ``nn.Conv`` / ``nn.Einsum`` that quantize. Each is a thin front
+end over the core: the operand quantizers of :mod:`qatjax.quantizers` and the one
+quantized contraction and weight path of :mod:`qatjax.qdot`.
 
 Same attributes and parameter names (``kernel``, ``bias``) as the Flax layers, so a
 float checkpoint loads unchanged, plus ``config`` (a :class:`~qatjax.QatConfig`),
@@ -49,11 +51,11 @@ from qatjax import fp8 as fp8_lib
 from qatjax.config import QatConfig
 from qatjax.fake_quant import lsq_grad_scale, quantize
 from qatjax.flax import specs
-from qatjax.qdot import (ConvSpec, DotSpec, contracting_axes, from_serving, quantized_dot, serve,
-                         to_serving)
+from qatjax.qdot import (ConvSpec, DotSpec, contracting_axes, einsum_dimension_numbers, from_serving,
+                         quantized_dot, serve, to_serving)
 from qatjax.qparams import QParams, qparams_from_amax, qparams_from_minmax
 
-__all__ = ["QatDense", "QatConv", "MODES", "quant_mode"]
+__all__ = ["QatDense", "QatDenseGeneral", "QatConv", "QatEinsum", "MODES", "quant_mode"]
 
 MODES = ("float", "calibrate", "train", "infer")
 # Internal: the pass of qatjax.calibrate that turns statistics into quant_params.
@@ -613,3 +615,66 @@ def _pad_input(x, padding, kernel_size, k_dil, strides):
     else:
         pairs = pad
     return jnp.pad(x, [(0, 0)] + [tuple(p) for p in pairs] + [(0, 0)])
+
+
+class QatEinsum(_QuantLayer, nn.Einsum):
+    """Quantization-aware drop-in for ``flax.linen.Einsum`` (input x kernel).
+
+    Same attributes and parameters (``kernel`` of ``shape``, ``bias``) as ``nn.Einsum``. The
+    contraction is :func:`qatjax.qdot.quantized_einsum`'s: the kernel is quantized per
+    tensor, per channel (one scale per element of its non-contracted axes, size 1 on the
+    contracted ones) or per group (one contracted axis), the input per tensor or (dynamic)
+    per token (every non-contracted axis). Converted variables keep the kernel's layout:
+    ``kernel_codes`` of ``shape``, parameters with the contracted axes squeezed.
+
+    Shapes: as ``jnp.einsum(einsum_str, inputs, kernel)``.
+    """
+
+    config: QatConfig = QatConfig()
+    mode: str | None = None
+    axis_name: str | None = None
+
+    def _einsum_spec(self, einsum_str: str, inputs: jax.Array) -> tuple[DotSpec, tuple[int, ...]]:
+        dims, perm = einsum_dimension_numbers(einsum_str, inputs.ndim, len(self.shape))
+        (lc, rc), _ = dims
+        k = int(np.prod([self.shape[a] for a in rc]))
+        n = int(np.prod(self.shape)) // k
+        per_scale = {"per_group": self.config.weight_group_size, "per_tensor": k * n}.get(
+            self.config.weight_granularity, k)
+        return dataclasses.replace(self._dot_spec(k, per_scale), dimension_numbers=dims), perm
+
+    @nn.compact
+    def __call__(self, inputs: jax.Array, einsum_str: str | None = None,  # type: ignore[override]
+                 mode: str | None = None) -> jax.Array:
+        mode, converted = self._begin(mode)
+        call_str = einsum_str
+        einsum_str = nn.module.merge_param("einsum_str", self.einsum_str, einsum_str).replace(" ", "")
+        if self.config.fp8_scaling is not None:
+            raise ValueError("QatEinsum: the fp8 training recipe (fp8_scaling) is for QatDense; use "
+                             "fp8 formats with ordinary static or dynamic scales.")
+        spec, perm = self._einsum_spec(einsum_str, inputs)
+        if mode in ("float", "init", "calibrate", _FINALIZE):
+            self._observe_or_finalize(inputs, mode)
+            y = nn.Einsum.__call__(self, inputs, call_str)
+            if mode in ("init", _FINALIZE):
+                (_, rc), _ = spec.dimension_numbers
+                if self.is_mutable_collection("quant_params"):
+                    self.put_variable("quant_params", "einsum_kernel_axes", jnp.asarray(rc, jnp.int32))
+                kernel = self._read("params", "kernel")
+                if mode == "init":
+                    self._init_quant_state(kernel, spec)
+                else:
+                    self._learnable_kernel_scale(kernel, spec, reset=True)
+            return y
+        kernel = None if converted else self.param("kernel", self.kernel_init, self.shape, self.param_dtype)
+        bias = None
+        if self.use_bias:
+            bias_shape, broadcast_shape = self._get_bias_shape(
+                einsum_str, inputs, jnp.zeros(self.shape, self.param_dtype))
+            bias = self.param("bias", self.bias_init, bias_shape, self.param_dtype)
+        inputs, bias = self._promote(inputs, kernel, bias)
+        y = self._quantized_forward(inputs, kernel, mode, spec)
+        if perm != tuple(range(y.ndim)):
+            y = jnp.transpose(y, perm)
+        y = y.astype(inputs.dtype)
+        return y if bias is None else y + jnp.reshape(bias, broadcast_shape)
