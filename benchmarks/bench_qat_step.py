@@ -147,12 +147,10 @@ def make_qatjax_original_residuals(dim, dtype, x, calib):
 
 
 def make_qatjax_static(dim, dtype, x, calib):
-    import qatjax.model
-
     model = _qatjax_stack(dim, dtype, activation_scaling="static", activation_observer="minmax",
                           activation_estimator="minmax")
     variables = model.init(jax.random.key(0), x)
-    variables = qatjax.model.calibrate(model, variables, calib)
+    variables = qatjax.calibrate(model, variables, calib)
     params, frozen = _split(variables)
     frozen.pop("quant_stats", None)
     return Variant("qatjax int8 static", model, params, frozen,
@@ -323,8 +321,7 @@ def pieces(args, dtype) -> list[str]:
     """
     from jax import lax
 
-    from qatjax.flax import specs
-    from qatjax.qdot import DotSpec, quantize_kernel, quantized_dot
+    from qatjax.qdot import DotSpec, encode_weight, quantized_dot
 
     B, D = args.batch, args.dim
     cfg = QatConfig(activation_scaling="dynamic")
@@ -344,13 +341,13 @@ def pieces(args, dtype) -> list[str]:
         return qatjax.quantize(k, amax_qp(k, 0), int8)
 
     def quant_kernel_t(k):  # serving codes [N, K]: quantized in place, codes transposed
-        return quantize_kernel(k, specs.weight_qparams(k, cfg), spec)
+        return encode_weight(k, cfg.weight_quantizer().qparams(k, (0,)), spec)[0]
 
     def ste_bwd(a, k, g):  # qatjax's backward: the vjp of quantized_dot
         qp_x = amax_qp(a)
 
         def op(a_, k_):
-            return quantized_dot(a_, k_, qp_x, specs.weight_qparams(lax.stop_gradient(k_), cfg), spec)
+            return quantized_dot(a_, k_, qp_x, cfg.weight_quantizer().qparams(k_, (0,)), spec)
 
         return jax.vjp(op, a, k)[1](g)
 

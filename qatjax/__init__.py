@@ -1,7 +1,30 @@
 """qatjax: quantization-aware training and post-training calibration for JAX and Flax.
 
-Layers, bottom up: formats -> quantization parameters -> fake quantization ->
-calibration -> integer kernels -> configuration -> Flax layers -> model tools.
+Layers, bottom up (a module imports only its own layer or lower; tests/test_layering.py):
+
+  core numerics (plain JAX, no Flax)
+    formats      number formats: int2..int8 (signed / unsigned), fp8 e4m3 / e5m2
+    qparams      QParams (scale, zero point) from ranges; per tensor / channel / group
+    fake_quant   quantize, dequantize, fake_quant and the straight-through estimators
+    packing      int4 codes packed two per byte
+    calibration  observers (init / update over pytrees), cross-device reduction, estimators
+    integer      int8 x int8 -> int32 and fp8 ``dot_general`` with closed-form zero points
+    quantizers   operand quantizers: weight (min / max) and activation (static, dynamic,
+                 per token, learned) recipes as pure functions
+    qdot         the one quantized contraction (``quantized_dot_general``,
+                 ``quantized_einsum``, the convolution) and the one weight path
+                 (``encode_weight``) shared by train, infer, convert and export
+    fp8          Transformer Engine's fp8 training recipe (current / delayed scaling)
+    config       QatConfig
+  front ends
+    flax         linen: QatDense, QatDenseGeneral, QatConv, QatEinsum, quant_mode,
+                 quantize_model (interception of unmodified models), descriptors (specs)
+    model        linen model tools: calibrate, finalize, report, convert, export / import
+  tools
+    checkpoint   save / load variables (msgpack, orbax), typed restore
+    cli          the ``qatjax`` command
+
+The digits experiment and the other demos are examples (``examples/``), not the package.
 """
 
 from qatjax.formats import (
@@ -27,7 +50,7 @@ from qatjax.qparams import (
 from qatjax.fake_quant import dequantize, fake_quant, lsq_grad_scale, quantize
 from qatjax import calibration
 from qatjax.config import QatConfig
-from qatjax import checkpoint, flax
+from qatjax import checkpoint, flax, quantizers
 from qatjax.model import (
     CalibrationReport,
     calibrate,
@@ -45,7 +68,7 @@ __all__ = [
     "QParams", "qparams_from_minmax", "qparams_from_amax", "reduce_axes",
     "split_groups", "merge_groups",
     "quantize", "dequantize", "fake_quant", "lsq_grad_scale",
-    "calibration", "QatConfig", "flax", "checkpoint",
+    "calibration", "quantizers", "QatConfig", "flax", "checkpoint",
     "calibrate", "calibrate_model", "finalize", "quant_report", "CalibrationReport",
     "convert", "quantize_model_weights", "dequantize_weights",
 ]

@@ -50,7 +50,7 @@ from jax import lax
 from qatjax.fake_quant import dequantize, fake_quant, quantize, ste_mask
 from qatjax.formats import Format
 from qatjax.integer import (DimensionNumbers, canonical_dims, check_contraction, fp8_dot_general,
-                            free_axes, int_dot_general, signed_codes, to_output)
+                            int_dot_general, signed_codes, to_output)
 from qatjax.qparams import QParams, merge_groups, split_groups
 
 __all__ = [

@@ -161,3 +161,66 @@ def test_quantize_model_reaches_attention_einsums_and_dense_subclasses(quantize_
 
     grads = jax.grad(loss)(v["params"])
     assert float(jnp.abs(grads["down"]["kernel"]).sum()) > 0
+
+
+class _ConvNet(nn.Module):
+    """A module that calls lax.conv_general_dilated itself, NCHW / OIHW, with input dilation."""
+
+    @nn.compact
+    def __call__(self, x):
+        k = self.param("kernel", nn.initializers.lecun_normal(), (8, 3, 3, 3))  # OIHW
+        y = jax.lax.conv_general_dilated(x, k, (1, 2), ((1, 1), (2, 0)), lhs_dilation=(2, 1),
+                                         dimension_numbers=("NCHW", "OIHW", "NCHW"))
+        return nn.relu(y)
+
+
+@pytest.mark.parametrize("cfg", [
+    qatjax.QatConfig(activation_observer="minmax", activation_estimator="minmax"),
+    qatjax.QatConfig(activation_format="uint8", activation_symmetric=False, activation_scaling="dynamic"),
+], ids=["int8-static", "uint8-dynamic"])
+def test_quantize_model_intercepts_conv_general_dilated(cfg):
+    x = jax.random.normal(jax.random.key(0), (2, 3, 7, 9)) + 0.2
+    model = _ConvNet()
+    float_params = model.init(jax.random.key(1), x)["params"]
+    q = quantize_model(model, cfg)
+    v = {"params": float_params}
+    if cfg.activation_scaling == "static":
+        v = qatjax.calibrate(q, v, [x])
+        assert "conv0_lhs_scale" in v["quant_params"]
+    with quant_mode("train"):
+        yt = jax.jit(q.apply)(v, x)
+    with quant_mode("infer"):
+        yi = jax.jit(q.apply)(v, x)
+    np.testing.assert_array_equal(np.asarray(yi), np.asarray(yt))
+    # The reference: the same convolution of the fake-quantized operands.
+    k = float_params["kernel"]
+    kq = qatjax.fake_quant(k, qatjax.qparams_from_amax(jnp.abs(k).max((1, 2, 3), keepdims=True), qatjax.int8),
+                           qatjax.int8)
+    if cfg.activation_scaling == "static":
+        xqp = qatjax.QParams(v["quant_params"]["conv0_lhs_scale"], v["quant_params"]["conv0_lhs_zero_point"])
+    else:
+        xqp = qatjax.qparams_from_minmax(x.min(), x.max(), cfg.activation_format, symmetric=False)
+    xq = qatjax.fake_quant(x, xqp, cfg.activation_format)
+    ref = nn.relu(jax.lax.conv_general_dilated(xq, kq, (1, 2), ((1, 1), (2, 0)), lhs_dilation=(2, 1),
+                                               dimension_numbers=("NCHW", "OIHW", "NCHW"),
+                                               precision="highest"))
+    assert yt.shape == ref.shape
+    np.testing.assert_allclose(np.asarray(yt), np.asarray(ref), rtol=1e-5, atol=1e-5)
+
+
+def test_intercepted_conv_with_string_padding_equals_its_float_module_in_float_mode():
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            k = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, 4, 5))
+            return jax.lax.conv_general_dilated(x, k, (2, 1), "SAME", rhs_dilation=(1, 2),
+                                                dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    x = jax.random.normal(jax.random.key(0), (2, 7, 8, 4))
+    params = Net().init(jax.random.key(1), x)["params"]
+    q = quantize_model(Net(), qatjax.QatConfig(activation_scaling="dynamic"))
+    with quant_mode("train"):
+        y = q.apply({"params": params}, x)
+    yf = Net().apply({"params": params}, x)
+    assert y.shape == yf.shape
+    assert float(jnp.max(jnp.abs(y - yf))) < 0.03 * float(jnp.max(jnp.abs(yf)))

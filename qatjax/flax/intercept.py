@@ -16,6 +16,7 @@ The mode comes from the ``mode`` argument or, per apply, from
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import functools
 import re
@@ -23,16 +24,16 @@ from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
-
-import contextvars
-
-import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from qatjax.config import QatConfig
-from qatjax.flax.layers import _FINALIZE, MODES, QatConv, QatDense, QatDenseGeneral, QatEinsum, _forced_mode
-from qatjax.qdot import DotSpec, quantized_einsum, quantized_dot_general
+from qatjax.flax.layers import (_FINALIZE, MODES, QatConv, QatDense, QatDenseGeneral, QatEinsum, _dn,
+                                _forced_mode)
+from qatjax.integer import canonical_dims
+from qatjax.qdot import (ConvSpec, DotSpec, einsum_dimension_numbers, quantized_dot,
+                         quantized_dot_general, quantized_einsum)
 from qatjax.qparams import QParams
 
 __all__ = ["quantize_model"]
@@ -51,7 +52,10 @@ _TWINS = {
 # The module whose method is running, with its recipe and a counter of its contractions;
 # None inside qatjax's own layers and contractions (nothing to intercept there).
 _frame: contextvars.ContextVar["_Frame | None"] = contextvars.ContextVar("qatjax_frame", default=None)
-_ORIGINAL = {"dot_general": lax.dot_general, "einsum": jnp.einsum}
+_ORIGINAL = {"dot_general": lax.dot_general, "einsum": jnp.einsum,
+             "conv_general_dilated": lax.conv_general_dilated}
+_PATCHED = {"dot_general": "_intercepted_dot_general", "einsum": "_intercepted_einsum",
+            "conv_general_dilated": "_intercepted_conv"}
 
 
 @dataclasses.dataclass
@@ -125,53 +129,112 @@ def _is_param(module: nn.Module, a: Any) -> bool:
 def _intercepted_dot_general(lhs, rhs, dimension_numbers, precision=None,
                              preferred_element_type=None, **kwargs):
     frame = _frame.get()
+    float_call = functools.partial(_ORIGINAL["dot_general"], lhs, rhs, dimension_numbers,
+                                   precision=precision, preferred_element_type=preferred_element_type,
+                                   **kwargs)
     if frame is None:
-        return _ORIGINAL["dot_general"](lhs, rhs, dimension_numbers, precision=precision,
-                                        preferred_element_type=preferred_element_type, **kwargs)
-    y = _quantized_call(frame, "dot_general", lhs, rhs, dimension_numbers,
-                        lambda: _ORIGINAL["dot_general"](lhs, rhs, dimension_numbers,
-                                                         precision=precision,
-                                                         preferred_element_type=preferred_element_type,
-                                                         **kwargs))
+        return float_call()
+    dims = canonical_dims(dimension_numbers, jnp.ndim(lhs), jnp.ndim(rhs))
+    y = _quantized_call(frame, "dot_general", lhs, rhs, dims[0], float_call,
+                        lambda spec, lqp, rqp: quantized_dot_general(lhs, rhs, dims, lqp, rqp, spec))
     return y.astype(preferred_element_type or jnp.result_type(lhs, rhs))
 
 
 def _intercepted_einsum(subscripts, *operands, **kwargs):
     frame = _frame.get()
+    float_call = functools.partial(_ORIGINAL["einsum"], subscripts, *operands, **kwargs)
     if frame is None or not isinstance(subscripts, str) or len(operands) != 2:
-        return _ORIGINAL["einsum"](subscripts, *operands, **kwargs)
+        return float_call()
     lhs, rhs = operands
-    from qatjax.qdot import einsum_dimension_numbers
-
     dims, _ = einsum_dimension_numbers(subscripts, jnp.ndim(lhs), jnp.ndim(rhs))
-    y = _quantized_call(frame, "einsum", lhs, rhs, dims,
-                        lambda: _ORIGINAL["einsum"](subscripts, *operands, **kwargs),
-                        subscripts=subscripts)
-    out_dtype = kwargs.get("preferred_element_type") or jnp.result_type(lhs, rhs)
-    return y.astype(out_dtype)
+    y = _quantized_call(frame, "einsum", lhs, rhs, dims[0], float_call,
+                        lambda spec, lqp, rqp: quantized_einsum(subscripts, lhs, rhs, lqp, rqp, spec))
+    return y.astype(kwargs.get("preferred_element_type") or jnp.result_type(lhs, rhs))
 
 
-def _quantized_call(frame: _Frame, op: str, lhs, rhs, dims, float_call, subscripts=None):
-    """One intercepted contraction of ``frame.module``: named ``{op}{i}`` (its ``i``-th call);
-    an operand that is one of the module's parameters is a weight (the config's weight
-    recipe), any other an activation (its activation recipe, with state
-    ``quant_stats/{op}{i}_{lhs,rhs}`` and ``quant_params/{op}{i}_{lhs,rhs}_scale`` /
-    ``_zero_point``)."""
+def _intercepted_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                      dimension_numbers=None, feature_group_count=1, batch_group_count=1,
+                      precision=None, preferred_element_type=None):
+    frame = _frame.get()
+    float_call = functools.partial(
+        _ORIGINAL["conv_general_dilated"], lhs, rhs, window_strides, padding, lhs_dilation,
+        rhs_dilation, dimension_numbers, feature_group_count, batch_group_count, precision,
+        preferred_element_type)
+    if frame is None:
+        return float_call()
+    if batch_group_count != 1:
+        raise ValueError(f"quantize_model: {_where(frame)} calls conv_general_dilated with "
+                         f"batch_group_count={batch_group_count}; keep this module float with a rule.")
+    n_sp = jnp.ndim(lhs) - 2
+    dn = lax.conv_dimension_numbers(jnp.shape(lhs), jnp.shape(rhs), dimension_numbers)
+    # Canonical layouts: input [N, *spatial, C], kernel [*window, I, O] (output channels last).
+    lhs_perm = (dn.lhs_spec[0],) + tuple(dn.lhs_spec[2:]) + (dn.lhs_spec[1],)
+    rhs_perm = tuple(dn.rhs_spec[2:]) + (dn.rhs_spec[1], dn.rhs_spec[0])
+    out_perm = (dn.out_spec[0],) + tuple(dn.out_spec[2:]) + (dn.out_spec[1],)
+    strides = tuple(window_strides)
+    lhs_dil = tuple(lhs_dilation or (1,) * n_sp)
+    rhs_dil = tuple(rhs_dilation or (1,) * n_sp)
+    if isinstance(padding, str):  # as lax.conv_general_dilated resolves it (lhs_dilation 1)
+        window = [(k - 1) * d + 1 for k, d in zip(np.take(jnp.shape(rhs), dn.rhs_spec)[2:], rhs_dil)]
+        padding = lax.padtype_to_pads(np.take(jnp.shape(lhs), dn.lhs_spec)[2:], window, strides, padding)
+    rhs_contracting = tuple(a for a in range(jnp.ndim(rhs)) if a != dn.rhs_spec[0])
+    lhs_contracting = (dn.lhs_spec[1],)
+
+    def contract(spec, lqp, rqp):
+        x = jnp.transpose(lhs, lhs_perm)
+        # Dilate and pad in float, so every position of every window holds a real value
+        # (padding is quantized like any zero), then a VALID convolution.
+        x = lax.pad(x, jnp.zeros((), x.dtype),
+                    [(0, 0, 0)] + [(lo, hi, d - 1) for (lo, hi), d in zip(padding, lhs_dil)] + [(0, 0, 0)])
+        lqp = lqp and QParams(*(jnp.transpose(p, lhs_perm) if jnp.ndim(p) else p for p in lqp))
+        rqp = rqp and QParams(*(jnp.transpose(p, rhs_perm) if jnp.ndim(p) else p for p in rqp))
+        conv = ConvSpec(**{f.name: getattr(spec, f.name) for f in dataclasses.fields(DotSpec)
+                           if f.name != "dimension_numbers"},
+                        strides=strides, rhs_dilation=rhs_dil, feature_group_count=feature_group_count,
+                        dimension_numbers=lax.conv_dimension_numbers(
+                            x.shape, tuple(np.take(jnp.shape(rhs), rhs_perm)), _dn(n_sp)))
+        y = quantized_dot(x, jnp.transpose(rhs, rhs_perm), lqp, rqp, conv)
+        return jnp.transpose(y, tuple(int(i) for i in np.argsort(out_perm)))
+
+    y = _quantized_call(frame, "conv", lhs, rhs, (lhs_contracting, rhs_contracting), float_call,
+                        contract, per_token_ok=False)
+    return y.astype(preferred_element_type or jnp.result_type(lhs, rhs))
+
+
+def _where(frame: _Frame, name: str = "") -> str:
+    return "/".join(frame.module.scope.path + ((name,) if name else ()))
+
+
+def _quantized_call(frame: _Frame, op: str, lhs, rhs, contracting, float_call, contract,
+                    per_token_ok: bool = True):
+    """One intercepted contraction of ``frame.module``, named ``{op}{i}`` (its ``i``-th call).
+
+    An operand that is one of the module's parameters is a weight (the config's weight
+    recipe, per channel meaning every axis but ``contracting``), any other an activation
+    (its activation recipe, with state ``quant_stats/{op}{i}_{lhs,rhs}`` and
+    ``quant_params/{op}{i}_{lhs,rhs}_scale`` / ``_zero_point``). ``contract(spec, lhs_qp,
+    rhs_qp)`` runs the quantized contraction; ``float_call()`` the original one.
+    """
     module, cfg = frame.module, frame.config
     name = f"{op}{frame.calls}"
     frame.calls += 1
     mode = _forced_mode.get() or frame.mode
     if mode is None and not module.is_initializing():
-        raise ValueError(f"quantize_model: no mode for {'/'.join(module.scope.path)}/{name}; "
-                         f"pass mode= or use qatjax.flax.quant_mode.")
+        raise ValueError(f"quantize_model: no mode for {_where(frame, name)}; pass mode= to "
+                         "quantize_model or use qatjax.flax.quant_mode.")
     if cfg.learnable_scales or cfg.fp8_scaling is not None:
-        raise ValueError(f"quantize_model: {'/'.join(module.scope.path)}/{name} is a "
-                         f"{op} call, which takes static or dynamic scales (no learnable_scales "
-                         "or fp8_scaling); give it its own rule.")
-    (lc, rc), _ = lax_dims = _canonical(dims, jnp.ndim(lhs), jnp.ndim(rhs))
-    roles = ["weight" if _is_param(module, a) else "activation" for a in (lhs, rhs)]
+        raise ValueError(f"quantize_model: {_where(frame, name)} is a {op} call, which takes "
+                         "static or dynamic scales (no learnable_scales or fp8_scaling); give it "
+                         "its own rule.")
     act = cfg.activation_quantizer()
-    token = _frame.set(None)
+    if act is not None and act.per_token and not per_token_ok:
+        raise ValueError(f"quantize_model: {_where(frame, name)} is a convolution, whose windows "
+                         "span several tokens; use activation_granularity='per_tensor'.")
+    roles = ["weight" if _is_param(module, a) else "activation" for a in (lhs, rhs)]
+    if roles == ["weight", "activation"]:
+        raise ValueError(f"quantize_model: {_where(frame, name)} contracts a parameter as its left "
+                         "operand; only the right operand can be the weight.")
+    token = _frame.set(None)  # nothing below is intercepted
     try:
         if module.is_initializing() or mode in ("float", "calibrate", _FINALIZE):
             for side, a, role in (("lhs", lhs, roles[0]), ("rhs", rhs, roles[1])):
@@ -185,7 +248,7 @@ def _quantized_call(frame: _Frame, op: str, lhs, rhs, dims, float_call, subscrip
                         module.put_variable("quant_params", f"{name}_{side}_zero_point", qp.zero_point)
             return float_call()
         qps, fmts, syms = [], [], []
-        for side, a, role, axes in (("lhs", lhs, roles[0], lc), ("rhs", rhs, roles[1], rc)):
+        for side, a, role, axes in zip(("lhs", "rhs"), (lhs, rhs), roles, contracting):
             if role == "weight":
                 wq = cfg.weight_quantizer()
                 qps.append(None if wq is None else wq.qparams(a, axes))
@@ -194,35 +257,26 @@ def _quantized_call(frame: _Frame, op: str, lhs, rhs, dims, float_call, subscrip
             elif act is None:
                 qps.append(None), fmts.append(None), syms.append(True)
             else:
-                if act.static:
-                    scale_name = f"{name}_{side}_scale"
-                    if not module.has_variable("quant_params", scale_name):
-                        raise ValueError(
-                            f"quantize_model: {'/'.join(module.scope.path)}/{name} needs calibrated "
-                            "activation parameters; run qatjax.calibrate first, or use "
-                            "activation_scaling='dynamic'.")
-                    qps.append(QParams(module.get_variable("quant_params", scale_name),
-                                       module.get_variable("quant_params", f"{name}_{side}_zero_point")))
-                else:
-                    qps.append(act.dynamic_qparams(a, axes, frame.axis_name))
+                qps.append(_activation_qparams(frame, act, f"{name}_{side}", a, axes))
                 fmts.append(act.format)
                 syms.append(act.symmetric)
-        if roles[0] == "weight" and roles[1] == "activation":
-            raise ValueError(f"quantize_model: {'/'.join(module.scope.path)}/{name} contracts a "
-                             "parameter as its left operand; only the right operand can be the weight.")
-        group = cfg.weight_group_size if (cfg.weight_granularity == "per_group" and roles[1] == "weight") else None
+        group = (cfg.weight_group_size if cfg.weight_granularity == "per_group" and roles[1] == "weight"
+                 else None)
         spec = DotSpec(fmts[0], fmts[1], syms[0], syms[1], ste=cfg.ste, group_size=group)
-        if subscripts is not None:
-            return quantized_einsum(subscripts, lhs, rhs, qps[0], qps[1], spec)
-        return quantized_dot_general(lhs, rhs, lax_dims, qps[0], qps[1], spec)
+        return contract(spec, qps[0], qps[1])
     finally:
         _frame.reset(token)
 
 
-def _canonical(dims, lhs_ndim, rhs_ndim):
-    from qatjax.integer import canonical_dims
-
-    return canonical_dims(dims, lhs_ndim, rhs_ndim)
+def _activation_qparams(frame: _Frame, act, name: str, a, contracting) -> QParams:
+    """Dynamic parameters from ``a``, or the calibrated ones of ``name``."""
+    if not act.static:
+        return act.dynamic_qparams(a, contracting, frame.axis_name)
+    if not frame.module.has_variable("quant_params", f"{name}_scale"):
+        raise ValueError(f"quantize_model: {_where(frame, name)} needs calibrated activation "
+                         "parameters; run qatjax.calibrate first, or use activation_scaling='dynamic'.")
+    return QParams(frame.module.get_variable("quant_params", f"{name}_scale"),
+                   frame.module.get_variable("quant_params", f"{name}_zero_point"))
 
 
 def quantize_model(model: nn.Module, config: QatConfig | None = QatConfig(), *,
@@ -278,8 +332,7 @@ def _intercepted(method, interceptor: _Interceptor):
     def run(self, *args, **kwargs):
         patched = lax.dot_general is _intercepted_dot_general
         if not patched:  # route the primitives through the frames while the model runs
-            lax.dot_general, jnp.einsum = _intercepted_dot_general, _intercepted_einsum
-            jax.lax.dot_general, jax.numpy.einsum = _intercepted_dot_general, _intercepted_einsum
+            _patch(True)
         try:
             with nn.intercept_methods(interceptor):
                 # The model's own method: its direct contractions follow the root's rule.
@@ -289,6 +342,14 @@ def _intercepted(method, interceptor: _Interceptor):
                 return _within(frame, method, (self,) + args, kwargs)
         finally:
             if not patched:
-                lax.dot_general, jnp.einsum = _ORIGINAL["dot_general"], _ORIGINAL["einsum"]
+                _patch(False)
 
     return run
+
+
+def _patch(on: bool) -> None:
+    """Points ``jax.lax.dot_general`` / ``conv_general_dilated`` and ``jax.numpy.einsum`` (looked
+    up at call time by Flax's layers and attention) at the frame-aware versions, or back."""
+    for name, patched in _PATCHED.items():
+        target = jnp if name == "einsum" else lax
+        setattr(target, name, globals()[patched] if on else _ORIGINAL[name])

@@ -26,9 +26,10 @@ Variables:
   ``kernel_scale`` (and ``kernel_zero_point`` for affine weights), ``input_scale``
   (and ``input_zero_point`` for affine activations).
 * ``quant_stats``: ``input``, the activation observer state.
-* ``quant_params``: ``kernel_spec`` / ``input_spec`` (int32 descriptors of the formats,
-  written at init so variables describe themselves; QatDenseGeneral adds
-  ``dense_general_spec``, its kernel's shape), ``input_scale`` and
+* ``quant_params``: ``kernel_spec`` / ``input_spec`` / ``fp8_spec`` (the recipe by name,
+  versioned, see :mod:`qatjax.flax.specs`; written at init so variables describe
+  themselves; QatDenseGeneral adds ``dense_general_spec``, its kernel's shape, QatEinsum
+  ``einsum_kernel_axes``, QatConv with a mask ``kernel_mask``), ``input_scale`` and
   ``input_zero_point`` once calibrated, and after :func:`qatjax.convert` the
   ``kernel_codes`` with ``kernel_scale`` / ``kernel_zero_point``.
 """
@@ -46,14 +47,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from qatjax import calibration
 from qatjax import fp8 as fp8_lib
 from qatjax.config import QatConfig
-from qatjax.fake_quant import lsq_grad_scale, quantize
+from qatjax.fake_quant import lsq_grad_scale
 from qatjax.flax import specs
 from qatjax.qdot import (ConvSpec, DotSpec, contracting_axes, einsum_dimension_numbers, from_serving,
                          quantized_dot, serve, to_serving)
-from qatjax.qparams import QParams, qparams_from_amax, qparams_from_minmax
+from qatjax.qparams import QParams
 
 __all__ = ["QatDense", "QatDenseGeneral", "QatConv", "QatEinsum", "MODES", "quant_mode"]
 
@@ -440,7 +440,7 @@ class QatDenseGeneral(_QuantLayer, nn.DenseGeneral):
             y = nn.DenseGeneral.__call__(self, inputs)
             if mode in ("init", _FINALIZE) and self.is_mutable_collection("quant_params"):
                 self.put_variable("quant_params", "dense_general_spec",
-                                  jnp.array((n_in,) + in_shape + features, jnp.int32))
+                                  specs.describe_dense_general(n_in, in_shape + features))
             kernel = self._read("params", "kernel").reshape(k_in, n_out)
             if mode == "init":
                 self._init_quant_state(kernel, self._dot_spec())
