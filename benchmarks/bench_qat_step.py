@@ -19,7 +19,12 @@ for each variant on the same data in the same run:
   (``activation_granularity="per_token"``), the activation granularity of AQT and Qwix;
 * ``qatjax int8 orig-res``: ``qatjax int8 dynamic`` with ``original_residuals=True``,
   Qwix's estimator (the backward multiplies by the float x and kernel; Qwix's default
-  when only the forward is quantized), for a like-for-like comparison with Qwix.
+  when only the forward is quantized), for a like-for-like comparison with Qwix;
+* ``float attention`` / ``qatjax attention int8``: two transformer blocks (8-head
+  ``nn.MultiHeadDotProductAttention`` on sequences of 64 tokens, then the MLP block),
+  float and through ``qatjax.flax.quantize_model`` with dynamic per-token int8 (the
+  projections, the MLP and the attention's Q K^T and A V einsums); the second's ratio
+  divides by the first.
 
 AQT and Qwix come with the ``bench`` extra (``pip install -e '.[bench]'``).
 
@@ -79,6 +84,27 @@ class Block(nn.Module):
         return x + self.dense(self.dim, name="down")(h, **kw)
 
 
+class AttentionStack(nn.Module):
+    """Two transformer blocks on sequences of ``seq`` tokens: ``x + attention(x)`` (8 heads,
+    flax's ``MultiHeadDotProductAttention``: DenseGeneral projections and the Q K^T / A V
+    einsums), then the MLP block."""
+
+    dim: int
+    dtype: Any
+    seq: int = 64
+    num_blocks: int = 2
+
+    @nn.compact
+    def __call__(self, x):
+        h = x.reshape(-1, self.seq, self.dim)
+        dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=jnp.float32)
+        for i in range(self.num_blocks):
+            h = h + nn.MultiHeadDotProductAttention(num_heads=8, dtype=self.dtype,
+                                                    param_dtype=jnp.float32, name=f"attn{i}")(h, h)
+            h = Block(self.dim, dense, name=f"block{i}")(h)
+        return h.reshape(x.shape)
+
+
 class MLPStack(nn.Module):
     dim: int
     dense: Callable[..., nn.Module]
@@ -96,10 +122,13 @@ class MLPStack(nn.Module):
 
 
 class Variant:
-    """A model to train: ``apply(params, x)`` and the variables that are not trained."""
+    """A model to train: ``apply(params, x)`` and the variables that are not trained;
+    ``baseline``: the variant its ratio divides by."""
 
-    def __init__(self, name: str, model: nn.Module, params: Any, frozen: Any, note: str = ""):
+    def __init__(self, name: str, model: nn.Module, params: Any, frozen: Any, note: str = "",
+                 baseline: str = "float"):
         self.name, self.model, self.params, self.frozen, self.note = name, model, params, frozen, note
+        self.baseline = baseline
 
     def apply(self, params, x):
         return self.model.apply({"params": params, **self.frozen}, x)
@@ -181,6 +210,21 @@ def make_qwix(dim, dtype, x, calib):
                    note="QtRule(weight_qtype=int8, act_qtype=int8)")
 
 
+def make_float_attention(dim, dtype, x, calib):
+    model = AttentionStack(dim, dtype)
+    return Variant("float attention", model, *_init(model, x), baseline="float-attn",
+                   note="2 x (8-head attention + MLP), sequences of 64")
+
+
+def make_qatjax_attention(dim, dtype, x, calib):
+    from qatjax.flax import quantize_model
+
+    cfg = QatConfig(activation_scaling="dynamic", activation_granularity="per_token")
+    model = quantize_model(AttentionStack(dim, dtype), cfg, mode="train")
+    return Variant("qatjax attention int8", model, *_init(model, x), baseline="float-attn",
+                   note="quantize_model: projections, MLP and the Q K^T / A V einsums int8, per token")
+
+
 VARIANTS: dict[str, Callable] = {
     "float": make_float,
     "qatjax-dynamic": make_qatjax_dynamic,
@@ -189,6 +233,8 @@ VARIANTS: dict[str, Callable] = {
     "qwix": make_qwix,
     "qatjax-orig": make_qatjax_original_residuals,
     "qatjax-token": make_qatjax_per_token,
+    "float-attn": make_float_attention,
+    "qatjax-attn": make_qatjax_attention,
 }
 MISSING_HINT = {
     "aqt": "aqt int8: skipped, aqtp is not installed (pip install -e '.[bench]')",
@@ -559,14 +605,18 @@ def main() -> None:
         for name, r in runners.items():
             times[name].append(r.run(args.steps))
 
-    base = statistics.median(times["float"])
-    base_min = min(times["float"])
     print(f"{'variant':<22} {'ms/step':>8} {'vs float':>8} {'min ms':>8} {'min vs':>7} "
           f"{'compile s':>9} {'last loss':>9}  note")
     for name, r in runners.items():
         med, best = statistics.median(times[name]), min(times[name])
-        print(f"{r.variant.name:<22} {med * 1e3:8.3f} {med / base:7.2f}x {best * 1e3:8.3f} "
-              f"{best / base_min:6.2f}x {r.compile_s:9.1f} {float(r.loss):9.4f}  {r.variant.note}")
+        baseline = r.variant.baseline
+        if baseline not in times:
+            ratio = ratio_min = "      -"
+        else:  # each ratio divides by its own float baseline (the MLP stack or the attention one)
+            ratio = f"{med / statistics.median(times[baseline]):7.2f}x"
+            ratio_min = f"{best / min(times[baseline]):6.2f}x"
+        print(f"{r.variant.name:<22} {med * 1e3:8.3f} {ratio} {best * 1e3:8.3f} "
+              f"{ratio_min} {r.compile_s:9.1f} {float(r.loss):9.4f}  {r.variant.note}")
     for line in skipped:
         print(line)
 

@@ -18,8 +18,9 @@ Layers, bottom up (a module imports only its own layer or lower; tests/test_laye
     config       QatConfig
   front ends
     flax         linen: QatDense, QatDenseGeneral, QatConv, QatEinsum, quant_mode,
-                 quantize_model (interception of unmodified models), descriptors (specs)
-    model        linen model tools: calibrate, finalize, report, convert, export / import
+                 quantize_model (interception of unmodified models), descriptors (specs),
+                 and the linen model tools (flax.model): calibrate, finalize, report,
+                 convert, export / import
   tools
     checkpoint   save / load variables (msgpack, orbax), typed restore
     cli          the ``qatjax`` command
@@ -51,7 +52,7 @@ from qatjax.fake_quant import dequantize, fake_quant, lsq_grad_scale, quantize
 from qatjax import calibration
 from qatjax.config import QatConfig
 from qatjax import checkpoint, flax, quantizers
-from qatjax.model import (
+from qatjax.flax.model import (
     CalibrationReport,
     calibrate,
     calibrate_model,

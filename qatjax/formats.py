@@ -5,7 +5,7 @@ Two kinds exist:
 * :class:`IntFormat` -- a ``bits``-bit integer grid (2 to 8 bits), signed or
   unsigned. Codes are stored as ``int8`` (signed) or ``uint8`` (unsigned) for
   every width; packing narrower codes is an export concern
-  (:mod:`qatjax.model`), not a compute one.
+  (:mod:`qatjax.flax.model`), not a compute one.
 * :class:`FloatFormat` -- an OCP fp8 format, ``e4m3fn`` (max 448, no
   infinities) or ``e5m2`` (max 57344). Codes are stored in the matching
   ``jnp.float8_*`` dtype.

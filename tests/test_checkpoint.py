@@ -333,7 +333,7 @@ class Hashable(nn.Module):
 
 
 def test_calibrate_and_finalize_work_on_an_unhashable_module():
-    from qatjax import model as model_lib
+    from qatjax.flax import model as model_lib
 
     cfg = QatConfig(activation_observer="minmax", activation_estimator="minmax")
     data = _batches()

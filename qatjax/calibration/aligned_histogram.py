@@ -37,13 +37,14 @@ time). Values that are NaN or +-Inf are not binned; they are counted in
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import itertools
 from collections.abc import Hashable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
 from jax import lax
 
 __all__ = [
@@ -76,7 +77,10 @@ _MAX_CHUNKS = 8
 _TINY = float(np.finfo(np.float32).tiny)  # 2**-126, the smallest normal float32
 
 
-@struct.dataclass
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["counts", "exponent", "lo", "hi", "num_nonfinite"],
+                   meta_fields=["signed"])
+@dataclasses.dataclass(frozen=True)
 class HistogramState:
     """State of a :func:`qatjax.calibration.histogram` observer.
 
@@ -101,7 +105,7 @@ class HistogramState:
     lo: jax.Array
     hi: jax.Array
     num_nonfinite: jax.Array
-    signed: bool = struct.field(pytree_node=False, default=False)
+    signed: bool = False
 
     @property
     def num_bins(self) -> int:

@@ -1,10 +1,7 @@
-"""Weight quantization parameters of the layers, and the descriptors they store.
+"""The descriptors the linen layers store: their recipe, by name, in their variables.
 
-Weight parameters are computed from the kernel itself (min/max per tensor, per
-output channel or per group), in training as in conversion, so a trained kernel
-and its served codes always agree. They are in *kernel form* (broadcasting against
-the Flax kernel, see :mod:`qatjax.qdot`); :func:`qatjax.qdot.to_serving` gives the
-stored form.
+(Weight parameters come from :class:`qatjax.quantizers.WeightQuantizer`, codes from the
+one weight path :func:`qatjax.qdot.encode_weight`.)
 
 Descriptors
 -----------
@@ -51,8 +48,6 @@ import numpy as np
 
 from qatjax.config import ESTIMATORS, GRANULARITIES, QatConfig
 from qatjax.formats import Format, format_from_code, format_from_name
-from qatjax.qdot import ConvSpec, DotSpec
-from qatjax.qparams import QParams, qparams_from_amax, qparams_from_minmax, split_groups
 
 __all__ = [
     "describe",
@@ -65,9 +60,6 @@ __all__ = [
     "INPUT_SCALINGS",
     "FP8_SPEC_SCALINGS",
     "SPEC_VERSION",
-    "weight_qparams",
-    "weight_qparams_for",
-    "layout_spec",
 ]
 
 # Version of the named (JSON) descriptors; the int32 ones that came before are version 0.
@@ -236,40 +228,3 @@ def _input_scaling(cfg: QatConfig) -> str:
     if cfg.activation_scaling == "static" and cfg.fp8_scaling is None:
         return "static"
     return "dynamic per token" if cfg.activation_granularity == "per_token" else "dynamic"
-
-
-def layout_spec(w_format: Format | None, group_size: int | None, conv: bool,
-                w_symmetric: bool = True) -> DotSpec:
-    """A DotSpec carrying only what the weight layout needs (format, groups, dense / conv)."""
-    cls = ConvSpec if conv else DotSpec
-    return cls(None, w_format, True, w_symmetric, group_size=group_size)
-
-
-def weight_qparams_for(w: jax.Array, fmt: Format, granularity: str, group_size: int | None,
-                       symmetric: bool) -> QParams:
-    """Min/max parameters of a kernel in kernel form.
-
-    ``w`` is a dense kernel ``[K, N]`` (2-D) or a conv kernel ``[*window, C_in, C_out]``:
-    per tensor ``()``; per channel ``[1, N]`` / ``[1, ..., 1, C_out]``; per group (dense)
-    ``[G, 1, N]`` against the kernel split into ``[G, g, N]``.
-    """
-    if granularity == "per_tensor":
-        axes, keepdims = None, False
-    elif granularity == "per_group":
-        w = split_groups(w, 0, group_size)
-        axes, keepdims = (1,), True
-    else:
-        axes, keepdims = tuple(range(w.ndim - 1)), True
-    if symmetric or fmt.is_float:
-        # max|w| in one reduction: the same parameters as min/max (0 is always in range).
-        return qparams_from_amax(jnp.max(jnp.abs(w), axes, keepdims=keepdims), fmt)
-    return qparams_from_minmax(jnp.min(w, axes, keepdims=keepdims), jnp.max(w, axes, keepdims=keepdims),
-                               fmt, symmetric=False)
-
-
-def weight_qparams(w: jax.Array, cfg: QatConfig) -> QParams:
-    """Kernel-form parameters of ``w`` under ``cfg``."""
-    return weight_qparams_for(
-        w, cfg.weight_format, cfg.weight_granularity,
-        cfg.weight_group_size if cfg.weight_granularity == "per_group" else None,
-        cfg.weight_symmetric)
