@@ -16,6 +16,7 @@ import yaml
 
 from qatjax.fake_quant import STE_NAMES
 from qatjax.formats import Format, as_format
+from qatjax.fp8 import Fp8Quantizer
 from qatjax.quantizers import ActivationQuantizer, WeightQuantizer
 
 __all__ = ["QatConfig", "GRANULARITIES", "OBSERVERS", "ESTIMATORS", "FP8_SCALINGS"]
@@ -209,6 +210,14 @@ class QatConfig:
             "static" if static else "dynamic", self.activation_granularity == "per_token",
             self.activation_observer, self.activation_estimator, float(self.percentile),
             self.num_bins, float(self.ema_momentum), self.learnable_scales)
+
+    def fp8_quantizers(self) -> tuple[Fp8Quantizer, Fp8Quantizer] | None:
+        """With ``fp8_scaling``: the fp8 recipe's (activation, weight) operand quantizers."""
+        if self.fp8_scaling is None:
+            return None
+        return tuple(Fp8Quantizer(fmt, self.fp8_scaling, self.fp8_margin, self.amax_history_len,
+                                  self.amax_compute_algo)
+                     for fmt in (self.activation_format, self.weight_format))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (formats as names), the inverse of :meth:`from_dict`."""

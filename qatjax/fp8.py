@@ -28,17 +28,20 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+import dataclasses
+
+from qatjax.fake_quant import quantize
 from qatjax.formats import FloatFormat
-from qatjax.integer import fp8_dot_general
+from qatjax.qdot import DotSpec, dot_from_codes, encode_weight
+from qatjax.qparams import QParams
 
 __all__ = [
+    "Fp8Quantizer",
     "AmaxHistory",
     "init_history",
     "scale_from_amax",
     "update_history",
     "fp8_dot",
-    "dot_from_codes",
-    "cast",
     "amax",
 ]
 
@@ -85,11 +88,48 @@ def update_history(state: AmaxHistory, current_amax: jax.Array, fmt: FloatFormat
     return AmaxHistory(history, scale_from_amax(a, fmt, margin, state.scale))
 
 
-def cast(x: jax.Array, scale: jax.Array, fmt: FloatFormat) -> jax.Array:
-    """Saturating fp8 cast of ``x / scale`` (the codes of :func:`qatjax.quantize`)."""
-    from qatjax.fake_quant import quantize
-    from qatjax.qparams import QParams
+@dataclasses.dataclass(frozen=True)
+class Fp8Quantizer:
+    """The operand quantizer of the fp8 recipe: one per-tensor scale, from the operand's
+    current amax or from its amax history (state :class:`AmaxHistory`).
 
+    Attributes:
+      format: the operand's fp8 format.
+      scaling: ``"current"`` or ``"delayed"``.
+      margin: ``scale = amax / fmt.max * 2**margin``.
+      history_len: delayed: length of the history.
+      algo: delayed: ``"max"`` of the history or ``"most_recent"``.
+    """
+
+    format: FloatFormat
+    scaling: str = "current"
+    margin: int = 0
+    history_len: int = 16
+    algo: str = "max"
+
+    def init(self) -> AmaxHistory:
+        """The empty history (delayed scaling's state)."""
+        return init_history(self.history_len)
+
+    def qparams(self, state: AmaxHistory | None, x: jax.Array,
+                axis_name: str | None = None) -> QParams:
+        """``x``'s parameters: the scale of ``state`` (delayed) or of ``x``'s amax, reduced
+        over ``axis_name`` (current); zero point 0."""
+        if self.scaling == "delayed":
+            scale = state.scale
+        else:
+            scale = scale_from_amax(amax(lax.stop_gradient(x), axis_name), self.format, self.margin,
+                                    jnp.ones((), jnp.float32))
+        return QParams(scale, jnp.zeros((), jnp.int32))
+
+    def observe(self, state: AmaxHistory, x: jax.Array, axis_name: str | None = None) -> AmaxHistory:
+        """Delayed scaling: the history after this step's amax of ``x`` (pushed after use)."""
+        return update_history(state, amax(lax.stop_gradient(x), axis_name), self.format,
+                              margin=self.margin, algo=self.algo)
+
+
+def _cast(x: jax.Array, scale: jax.Array, fmt: FloatFormat) -> jax.Array:
+    """Saturating fp8 cast of ``x / scale`` (the codes of :func:`qatjax.quantize`)."""
     return quantize(x, QParams(scale, jnp.zeros((), jnp.int32)), fmt)
 
 
@@ -108,22 +148,21 @@ def fp8_dot(x, kernel, x_scale, w_scale, x_fmt, w_fmt, g_fmt, g_margin, axis_nam
       g_margin: margin of the gradient's current scaling.
       axis_name: mapped axis to reduce the gradient amax over (None: local).
     Returns:
-      float32 ``[..., N]`` = ``fp8_dot_general(q(x), q(kernel).T) * x_scale * w_scale``.
+      float32 ``[..., N]``: the fp8 contraction of the codes, ``q(x) . q(kernel)``, scaled by
+      ``x_scale * w_scale`` (:func:`qatjax.qdot.dot_from_codes`).
     """
     return _fp8_forward(x, kernel, x_scale, w_scale, x_fmt, w_fmt)[0]
 
 
-def dot_from_codes(qx: jax.Array, qw: jax.Array, x_scale: jax.Array, w_scale: jax.Array) -> jax.Array:
-    """The forward of :func:`fp8_dot` on codes (shared by training and serving):
-    ``qx [..., K]`` times ``qw [N, K]`` (both contract their last axis), scaled by
-    ``x_scale * w_scale``: float32 ``[..., N]``."""
-    return fp8_dot_general(qx, qw, (((qx.ndim - 1,), (1,)), ((), ()))) * (x_scale * w_scale)
-
-
 def _fp8_forward(x, kernel, x_scale, w_scale, x_fmt, w_fmt):
-    qx = cast(x, x_scale, x_fmt)
-    qw = cast(kernel, w_scale, w_fmt).T  # [N, K]
-    return dot_from_codes(qx, qw, x_scale, w_scale), qx, qw
+    """The forward on codes, shared with serving: the kernel through the one weight path
+    (:func:`qatjax.qdot.encode_weight`, codes ``[N, K]``), then
+    :func:`qatjax.qdot.dot_from_codes`."""
+    spec = DotSpec(x_fmt, w_fmt)
+    x_qp = QParams(x_scale, jnp.zeros((), jnp.int32))
+    qx = quantize(x, x_qp, x_fmt)
+    qw, serving = encode_weight(kernel, QParams(w_scale, jnp.zeros((), jnp.int32)), spec)
+    return dot_from_codes(qx, qw, x_qp, serving, spec), qx, qw
 
 
 def _fp8_dot_fwd(x, kernel, x_scale, w_scale, x_fmt, w_fmt, g_fmt, g_margin, axis_name):
@@ -143,7 +182,7 @@ def _fp8_dot_bwd(x_fmt, w_fmt, g_fmt, g_margin, axis_name, res, g):
         dw = lax.dot_general(x_hat, g, ((batch, batch), ((), ())))
     else:
         g_scale = scale_from_amax(amax(g, axis_name), g_fmt, g_margin, jnp.ones((), jnp.float32))
-        qg = cast(g, g_scale, g_fmt)
+        qg = _cast(g, g_scale, g_fmt)
         dx = lax.dot_general(qg, qw, (((g.ndim - 1,), (0,)), ((), ())),
                              preferred_element_type=jnp.float32) * (g_scale * w_scale)
         dw = lax.dot_general(qx, qg, ((batch, batch), ((), ())),

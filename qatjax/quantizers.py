@@ -13,8 +13,8 @@ functions over arrays and pytree states, like an optax transform; no Flax. Front
   dynamic (from the tensor itself, per tensor or per token, i.e. constant along the
   contracting axes only), or learned (LSQ: the static parameters become trainable).
 
-The fp8 training recipe's current / delayed scaling (amax history) lives in
-:mod:`qatjax.fp8`.
+The fp8 training recipe's operand quantizer, current or delayed scaling with an amax
+history, is :class:`qatjax.fp8.Fp8Quantizer` (beside the fp8 contraction it feeds).
 """
 
 from __future__ import annotations

@@ -38,6 +38,10 @@ LAYERS = {
 def _case_ok(layer: str, fmt: str, recipe: str) -> bool:
     if layer.startswith("conv") and (fmt == "int4-group" or recipe == "per-token"):
         return False  # per-group / per-token scales do not factor out of a convolution
+    if layer != "dense" and fmt in ("int8xfp8", "fp8") and recipe == "per-token":
+        return False  # the contraction is shared: the dense layer covers these once
+    if layer == "conv-mask-groups" and fmt not in ("int8", "uint8-affine"):
+        return False
     # Per-token activations: one integer and one fp8 format suffice (the weight side is the same).
     return not (recipe == "per-token" and fmt not in ("int8", "fp8"))
 

@@ -51,8 +51,8 @@ from qatjax import fp8 as fp8_lib
 from qatjax.config import QatConfig
 from qatjax.fake_quant import lsq_grad_scale
 from qatjax.flax import specs
-from qatjax.qdot import (ConvSpec, DotSpec, contracting_axes, einsum_dimension_numbers, from_serving,
-                         quantized_dot, serve, to_serving)
+from qatjax.qdot import (ConvSpec, DotSpec, contracting_axes, einsum_dimension_numbers, encode_weight,
+                         from_serving, quantized_dot, serve, to_serving)
 from qatjax.qparams import QParams
 
 __all__ = ["QatDense", "QatDenseGeneral", "QatConv", "QatEinsum", "MODES", "quant_mode"]
@@ -303,37 +303,30 @@ class _QuantLayer:
             for name in ("input", "kernel"))
 
     def _fp8_recipe_forward(self, x: jax.Array, kernel: jax.Array | None, mode: str) -> jax.Array:
-        """The fp8 training recipe (``config.fp8_scaling``): float32 output before bias."""
+        """The fp8 training recipe (``config.fp8_scaling``): float32 output before bias. Its
+        operand quantizers are :class:`qatjax.fp8.Fp8Quantizer`; its forward is the core
+        contraction on the weight path's codes (:func:`qatjax.fp8.fp8_dot`)."""
         cfg = self.config
+        x_quant, w_quant = cfg.fp8_quantizers()
         delayed = cfg.fp8_scaling == "delayed"
-        x_fmt, w_fmt = cfg.activation_format, cfg.weight_format
-        one = jnp.ones((), jnp.float32)
-        x_amax = fp8_lib.amax(jax.lax.stop_gradient(x), self.axis_name)
-        if delayed:
-            meta_x, meta_w = self._fp8_meta()
-            x_scale = meta_x.value.scale
-        else:
-            x_scale = fp8_lib.scale_from_amax(x_amax, x_fmt, cfg.fp8_margin, one)
+        meta_x, meta_w = self._fp8_meta() if delayed else (None, None)
+        x_qp = x_quant.qparams(meta_x and meta_x.value, x, self.axis_name)
+        spec = DotSpec(cfg.activation_format, cfg.weight_format)
         if self.has_variable("quant_params", "kernel_codes"):
-            qw = self._read("quant_params", "kernel_codes")
-            w_scale = self._read("quant_params", "kernel_scale")
-            return fp8_lib.dot_from_codes(fp8_lib.cast(x, x_scale, x_fmt), qw, x_scale, w_scale)
-        w_amax = fp8_lib.amax(jax.lax.stop_gradient(kernel))
-        w_scale = (meta_w.value.scale if delayed
-                   else fp8_lib.scale_from_amax(w_amax, w_fmt, cfg.fp8_margin, one))
+            serving = QParams(*(self._read("quant_params", n) for n in ("kernel_scale", "kernel_zero_point")))
+            return serve(x, self._read("quant_params", "kernel_codes"), x_qp, serving, spec)
+        w_qp = w_quant.qparams(meta_w and meta_w.value, kernel)
         if mode == "infer":
-            return fp8_lib.dot_from_codes(fp8_lib.cast(x, x_scale, x_fmt),
-                                          fp8_lib.cast(kernel, w_scale, w_fmt).T, x_scale, w_scale)
-        y = fp8_lib.fp8_dot(x, kernel, x_scale, w_scale, x_fmt, w_fmt, cfg.fp8_grad_format,
-                            cfg.fp8_margin, self.axis_name)
+            return serve(x, *encode_weight(kernel, w_qp, spec), spec)
+        y = fp8_lib.fp8_dot(x, kernel, x_qp.scale, w_qp.scale, cfg.activation_format, cfg.weight_format,
+                            cfg.fp8_grad_format, cfg.fp8_margin, self.axis_name)
         if delayed:
             if not self.is_mutable_collection("fp8_meta"):
                 raise ValueError(
                     f"{type(self).__name__} {self.path_str()}: delayed fp8 scaling updates its amax "
                     "history in train mode; pass mutable=['fp8_meta'] to apply.")
-            kw = dict(margin=cfg.fp8_margin, algo=cfg.amax_compute_algo)
-            meta_x.value = fp8_lib.update_history(meta_x.value, x_amax, x_fmt, **kw)
-            meta_w.value = fp8_lib.update_history(meta_w.value, w_amax, w_fmt, **kw)
+            meta_x.value = x_quant.observe(meta_x.value, x, self.axis_name)
+            meta_w.value = w_quant.observe(meta_w.value, kernel)
         return y
 
     def _group_size(self) -> int | None:

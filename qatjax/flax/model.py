@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qatjax import fp8 as fp8_lib
+from qatjax.fp8 import Fp8Quantizer
 from qatjax.flax import specs
 from qatjax.flax.layers import _FINALIZE, quant_mode
 from qatjax.packing import pack_nibbles, unpack_nibbles
@@ -368,8 +368,7 @@ def _codes_and_serving(kernel, learned, delayed_scale, *, spec, gran, fp8_scalin
     if fp8_scaling == "delayed":  # the fp8 training recipe: one scale, from the history...
         w_qp = QParams(delayed_scale, jnp.zeros((), jnp.int32))
     elif fp8_scaling == "current":  # ... or from the current amax
-        w_qp = QParams(fp8_lib.scale_from_amax(fp8_lib.amax(kernel), fmt, margin,
-                                               jnp.ones((), jnp.float32)), jnp.zeros((), jnp.int32))
+        w_qp = Fp8Quantizer(fmt, "current", margin).qparams(None, kernel)
     elif learned is not None:
         w_qp = QParams(*(from_serving(a, spec, kernel.ndim) for a in learned))
     else:
