@@ -50,6 +50,7 @@ from qatjax.qparams import (
 )
 from qatjax.fake_quant import dequantize, fake_quant, lsq_grad_scale, quantize
 from qatjax import calibration
+from qatjax.qdot import DotSpec, quantized_dot_general, quantized_einsum
 from qatjax.config import QatConfig
 from qatjax import checkpoint, flax, quantizers
 from qatjax.flax.model import (
@@ -69,6 +70,7 @@ __all__ = [
     "QParams", "qparams_from_minmax", "qparams_from_amax", "reduce_axes",
     "split_groups", "merge_groups",
     "quantize", "dequantize", "fake_quant", "lsq_grad_scale",
+    "DotSpec", "quantized_dot_general", "quantized_einsum",
     "calibration", "quantizers", "QatConfig", "flax", "checkpoint",
     "calibrate", "calibrate_model", "finalize", "quant_report", "CalibrationReport",
     "convert", "quantize_model_weights", "dequantize_weights",
