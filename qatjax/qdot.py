@@ -199,11 +199,11 @@ def _group_axis(spec: DotSpec, w_ndim: int) -> int:
     return axes[0]
 
 
-def _split(w: jax.Array, spec: DotSpec, axis: int | None = None) -> jax.Array:
+def _split(w: jax.Array, spec: DotSpec) -> jax.Array:
     """``w`` split at its (group) contracting axis into ``(G, g)``; unchanged when not grouped."""
     if spec.group_size is None:
         return w
-    return split_groups(w, _group_axis(spec, w.ndim) if axis is None else axis, spec.group_size)
+    return split_groups(w, _group_axis(spec, w.ndim), spec.group_size)
 
 
 def _merge(w: jax.Array, spec: DotSpec, axis: int) -> jax.Array:
@@ -396,23 +396,16 @@ def _contract(qx, x_qp, qw, w_qp, dims, spec: DotSpec, group_axis: int | None = 
         # Weight-only, activation-only, int x fp8: the float contraction of the dequantized
         # codes, in the lhs's dtype when it is float (the compute dtype), else in float32.
         a = _decode(qx, x_qp, spec.x_format, qx.dtype if spec.x_format is None else jnp.float32)
-        if spec.w_format is None:
-            b = qw.astype(a.dtype)
-        elif spec.group_size is None:
-            b = dequantize(qw, w_qp, jnp.float32).astype(a.dtype)
-        else:
-            b = merge_groups(dequantize(split_groups(qw, group_axis, spec.group_size), w_qp,
-                                        jnp.float32), group_axis).astype(a.dtype)
+        # (These kernels serve in their own layout, so the codes are in the kernel's.)
+        b = (qw if spec.w_format is None else _decode_kernel(qw, w_qp, spec, jnp.float32)).astype(a.dtype)
         return lax.dot_general(a, b, dims, precision=lax.Precision.HIGHEST,
                                preferred_element_type=jnp.float32)
-    (lc, rc), (lb, rb) = dims
     x_scale = jnp.asarray(x_qp.scale, jnp.float32)
     x_zp = x_qp.zero_point
     if spec.group_size is not None:
         qx, qw, x_scale, x_zp, dims = _group_as_batch(qx, qw, x_scale, x_zp, dims, group_axis,
                                                       spec.group_size)
-        (lc, rc), (lb, rb) = dims
-    k = int(np.prod([qx.shape[a] for a in lc]))
+    k = int(np.prod([qx.shape[a] for a in dims[0][0]]))
     if spec.native == "int":
         check_contraction(k, spec.x_format, spec.w_format,
                           lhs_symmetric=spec.x_symmetric, rhs_symmetric=spec.w_symmetric)
