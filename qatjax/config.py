@@ -15,6 +15,7 @@ from typing import Any, Mapping
 import yaml
 
 from qatjax.fake_quant import STE_NAMES
+from qatjax.calibration.aligned_histogram import MAX_NUM_BINS
 from qatjax.formats import Format, as_format
 from qatjax.fp8 import Fp8Quantizer
 from qatjax.quantizers import ActivationQuantizer, WeightQuantizer
@@ -138,12 +139,16 @@ class QatConfig:
                 f"QatConfig: activation_estimator={self.activation_estimator!r} needs "
                 "activation_observer='histogram'."
             )
-        if not 0.0 < float(self.percentile) <= 100.0:
-            raise ValueError(f"QatConfig: `percentile` must be in (0, 100], got {self.percentile!r}.")
-        if not isinstance(self.num_bins, int) or self.num_bins < 16 or self.num_bins % 2:
-            raise ValueError(f"QatConfig: `num_bins` must be an even int >= 16, got {self.num_bins!r}.")
-        if not 0.0 < float(self.ema_momentum) <= 1.0:
-            raise ValueError(f"QatConfig: `ema_momentum` must be in (0, 1], got {self.ema_momentum!r}.")
+        for name, lo, hi in (("percentile", 0.0, 100.0), ("ema_momentum", 0.0, 1.0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo < value <= hi:
+                raise ValueError(f"QatConfig: `{name}` must be a number in ({lo:g}, {hi:g}], got {value!r}.")
+        if (isinstance(self.num_bins, bool) or not isinstance(self.num_bins, int)
+                or not 16 <= self.num_bins <= MAX_NUM_BINS or self.num_bins & (self.num_bins - 1)):
+            # The histogram observer doubles its range exactly: bins per side (half of them for
+            # affine activations) must be a power of two.
+            raise ValueError(f"QatConfig: `num_bins` must be a power of two in [16, {MAX_NUM_BINS}], "
+                             f"got {self.num_bins!r}.")
         if not isinstance(self.amax_history_len, int) or self.amax_history_len < 1:
             raise ValueError(f"QatConfig: `amax_history_len` must be an int >= 1, got {self.amax_history_len!r}.")
         if not isinstance(self.fp8_margin, int):
@@ -261,7 +266,12 @@ class QatConfig:
             raise FileNotFoundError(f"QatConfig.from_yaml: no such file: {text!r}.")
         if isinstance(data, Mapping) and "quant" in data:
             data = data["quant"]
-        return cls.from_dict(data or {})
+        if not data:
+            # An empty file or a bare ``quant:`` would otherwise silently be the default W8A8.
+            raise ValueError(f"QatConfig.from_yaml: {text if len(text) < 200 else 'the text'!r} holds no "
+                             "recipe (an empty document or an empty `quant:` section); write the "
+                             "fields, e.g. `quant: {weight_format: int8}`.")
+        return cls.from_dict(data)
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:

@@ -70,8 +70,15 @@ def amax(x: jax.Array, axis_name: str | None = None) -> jax.Array:
 
 
 def scale_from_amax(a: jax.Array, fmt: FloatFormat, margin: int, previous: jax.Array) -> jax.Array:
-    """``a / fmt.max * 2**margin``; a zero or non-finite ``a`` keeps ``previous``."""
+    """``a / fmt.max * 2**margin``, at least ``fmt.max / float32_max``; a zero or non-finite
+    ``a`` keeps ``previous``.
+
+    The floor is Transformer Engine's (its ``fmt.max / amax`` scale is clamped to the float32
+    maximum): a tiny amax (1e-37) would otherwise give a subnormal scale, which XLA:CPU
+    flushes to 0, and NaN outputs.
+    """
     new = a / jnp.float32(fmt.max) * jnp.float32(2.0**margin)
+    new = jnp.maximum(new, jnp.float32(fmt.max / float(jnp.finfo(jnp.float32).max)))
     return jnp.where(jnp.isfinite(a) & (a > 0), new, previous)
 
 

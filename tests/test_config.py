@@ -86,3 +86,24 @@ def test_the_five_named_recipes_ship():
     names = {os.path.basename(p) for p in glob.glob(os.path.join(CONFIG_DIR, "*.yaml"))}
     assert {"int8_ptq.yaml", "int8_qat.yaml", "int4_weight_only_lsq.yaml", "w4a8.yaml",
             "fp8_e4m3.yaml"} <= names
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(num_bins=100), "`num_bins` must be a power of two"),
+    (dict(num_bins=8), "`num_bins` must be a power of two"),
+    (dict(percentile="99"), "`percentile` must be a number"),
+    (dict(ema_momentum=True), "`ema_momentum` must be a number"),
+])
+def test_every_field_is_validated_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        QatConfig(**kwargs)
+
+
+@pytest.mark.parametrize("text", ["\n", "quant:\n", "quant: {}\n", "train:\n  epochs: 3\nquant:\n"])
+def test_a_recipe_without_fields_is_refused_not_the_default(text, tmp_path):
+    with pytest.raises(ValueError, match="holds no recipe"):
+        QatConfig.from_yaml(text)
+    path = tmp_path / "empty.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match="holds no recipe"):
+        QatConfig.from_yaml(str(path))

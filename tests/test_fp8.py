@@ -180,3 +180,16 @@ def test_amax_is_reduced_across_devices_under_shard_map():
     # amaxes the shards' fp8 grids differ and so do the outputs.
     np.testing.assert_allclose(reduced, whole, rtol=1e-5, atol=1e-6)
     assert np.abs(local - whole).max() > 1e-3
+
+
+def test_a_tiny_amax_gives_a_normal_scale_and_finite_outputs():
+    """amax 1e-37 used to give a subnormal scale, flushed to 0, and NaN outputs; the floor is
+    Transformer Engine's (its fp8_max / amax scale clamped to the float32 maximum)."""
+    fmt = qatjax.fp8_e4m3
+    state = fp8.update_history(fp8.init_history(4), jnp.float32(1e-37), fmt)
+    floor = np.float32(448.0) / np.finfo(np.float32).max
+    assert float(state.scale) == float(np.float32(floor)) and float(state.scale) > 0
+    x = jnp.full((2, 8), 1e-37, jnp.float32)
+    y = fp8.fp8_dot(x, jnp.ones((8, 3)), state.scale, jnp.float32(1.0 / 448), fmt, fmt,
+                    qatjax.fp8_e5m2, 0, None)
+    assert np.all(np.isfinite(np.asarray(y)))
