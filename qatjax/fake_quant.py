@@ -40,9 +40,9 @@ import numpy as np
 from jax import lax
 
 from qatjax.formats import Format, as_format
-from qatjax.qparams import QParams, _divide
+from qatjax.qparams import SCALE_EPS, QParams, _divide
 
-__all__ = ["quantize", "dequantize", "fake_quant", "ste_mask", "STE_NAMES", "lsq_grad_scale"]
+__all__ = ["quantize", "dequantize", "fake_quant", "ste_mask", "used_zero_point", "STE_NAMES", "lsq_grad_scale"]
 
 STE_NAMES = ("identity", "clipped", "lsq")
 
@@ -66,8 +66,9 @@ def quantize(x: jax.Array, qp: QParams, fmt: Format) -> jax.Array:
     xf = x.astype(jnp.float32)
     if fmt.is_float:
         return _fp8_codes(xf, scale, fmt)
-    code = jnp.clip(_unclipped_code(xf, scale, zero_point), fmt.qmin, fmt.qmax)
-    code = jnp.where(jnp.isnan(code), jnp.round(zero_point.astype(jnp.float32)), code)
+    zp = used_zero_point(zero_point, fmt)
+    code = jnp.clip(_unclipped_code(xf, scale, zp), fmt.qmin, fmt.qmax)
+    code = jnp.where(jnp.isnan(code), zp, code)
     return code.astype(fmt.storage_dtype)
 
 
@@ -144,10 +145,18 @@ def lsq_grad_scale(num_elements: int, fmt: Format) -> float:
 # ----------------------------------------------------------------------------- internals
 
 
-def _unclipped_code(xf: jax.Array, scale: jax.Array, zero_point: jax.Array) -> jax.Array:
-    """``round_half_even(x * (1/scale)) + round_half_even(zero_point)`` in float32 (torch's order)."""
+def used_zero_point(zero_point: jax.Array, fmt: Format) -> jax.Array:
+    """The zero point the codes use, float32: ``clip(round_half_even(zero_point), qmin, qmax)``
+    (torch's treatment of learned zero points), so that 0.0 stays representable; 0 for fp8."""
+    zp = jnp.round(jnp.asarray(zero_point).astype(jnp.float32))
+    return zp if fmt.is_float else jnp.clip(zp, float(fmt.qmin), float(fmt.qmax))
+
+
+def _unclipped_code(xf: jax.Array, scale: jax.Array, zp: jax.Array) -> jax.Array:
+    """``round_half_even(x * (1/scale)) + zp`` in float32 (torch's order); ``zp`` from
+    :func:`used_zero_point`."""
     inv_scale = jnp.float32(1.0) / scale
-    return jnp.round(xf * inv_scale) + jnp.round(zero_point.astype(jnp.float32))
+    return jnp.round(xf * inv_scale) + zp
 
 
 def _fp8_codes(xf: jax.Array, scale: jax.Array, fmt: Format) -> jax.Array:
@@ -186,8 +195,8 @@ def _fake_quant_value(fmt: Format, xf: jax.Array, scale: jax.Array, zero_point: 
         v = _divide(xf, scale)
         x_hat = _fp8_round(v, fmt) * scale
         return x_hat, v, jnp.abs(v) <= fmt.max
-    zp = jnp.round(zero_point.astype(jnp.float32))
-    v = _unclipped_code(xf, scale, zero_point)
+    zp = used_zero_point(zero_point, fmt)
+    v = _unclipped_code(xf, scale, zp)
     k = jnp.clip(v, fmt.qmin, fmt.qmax) - zp
     # A code of -0.0 (x in (-scale/2, 0]) must dequantize to +0.0 as in torch, whose codes
     # are integers. The float arithmetic gives that only while XLA keeps `+ zp - zp`; it
@@ -228,7 +237,7 @@ def _fake_quant_bwd(fmt, ste, grad_scale, res, g):
     if fmt.is_float:
         lo_grad, hi_grad, zp = -fmt.max, fmt.max, 0.0
     else:
-        zp = jnp.round(zero_point.astype(jnp.float32))
+        zp = used_zero_point(zero_point, fmt)
         lo_grad, hi_grad = fmt.qmin - zp, fmt.qmax - zp
     below = v < fmt.qmin
     above = v > fmt.qmax
@@ -294,10 +303,27 @@ def _check_args(x, qp, fmt: Format, fn: str):
         bad = s[~((s > 0) & np.isfinite(s))]
         if bad.size:
             raise ValueError(f"{fn}: `qp.scale` must be positive and finite; got {bad[0]}.")
+    else:
+        # A learned (traced) scale can reach 0 or go negative: floor it like computed scales.
+        scale = jnp.maximum(scale, jnp.float32(SCALE_EPS))
     if fmt.is_float and not isinstance(zero_point, jax.core.Tracer):
         if np.any(np.asarray(zero_point) != 0):
             raise ValueError(f"{fn}: fp8 formats take `qp.zero_point` = 0.")
+    _check_zero_point_range(zero_point, fmt, fn)
     return x, scale, zero_point
+
+
+def _check_zero_point_range(zero_point, fmt: Format, fn: str) -> None:
+    """A concrete integer-format zero point must round into ``[qmin, qmax]`` (traced ones are
+    clamped there, see :func:`used_zero_point`)."""
+    if fmt.is_float or isinstance(zero_point, jax.core.Tracer):
+        return
+    zp = np.round(np.asarray(zero_point, np.float64))
+    bad = zp[(zp < fmt.qmin) | (zp > fmt.qmax)]
+    if bad.size:
+        raise ValueError(f"{fn}: `qp.zero_point` must lie in [{fmt.qmin}, {fmt.qmax}] for {fmt.name}, "
+                         f"got {bad.flat[0]:g}.")
+
 
 
 def ste_mask(x: jax.Array, qp: QParams, fmt: Format) -> jax.Array:

@@ -47,11 +47,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from qatjax.fake_quant import dequantize, fake_quant, quantize, ste_mask
+from qatjax.fake_quant import dequantize, fake_quant, quantize, ste_mask, used_zero_point
 from qatjax.formats import Format
 from qatjax.integer import (DimensionNumbers, canonical_dims, check_contraction, fp8_dot_general,
                             int_dot_general, signed_codes, to_output)
-from qatjax.qparams import QParams, merge_groups, split_groups
+from qatjax.qparams import SCALE_EPS, QParams, merge_groups, split_groups
 
 __all__ = [
     "DotSpec",
@@ -288,9 +288,10 @@ def encode_weight(w: jax.Array, w_qp: QParams, spec: DotSpec) -> tuple[jax.Array
     """
     q = _kernel_codes(w, w_qp, spec)
     codes = jnp.transpose(q, spec.serving_perm(w.ndim))
-    serving = QParams(jnp.asarray(to_serving(w_qp.scale, spec, w.ndim), jnp.float32),
-                      jnp.round(jnp.asarray(to_serving(w_qp.zero_point, spec, w.ndim), jnp.float32)
-                                ).astype(jnp.int32))
+    serving = QParams(jnp.maximum(jnp.asarray(to_serving(w_qp.scale, spec, w.ndim), jnp.float32),
+                                  jnp.float32(SCALE_EPS)),  # a learned scale, floored as quantize does
+                      used_zero_point(to_serving(w_qp.zero_point, spec, w.ndim), spec.w_format
+                                      ).astype(jnp.int32))
     return codes, serving
 
 
@@ -319,14 +320,14 @@ def _decode_kernel(q: jax.Array, w_qp: QParams, spec: DotSpec, dtype) -> jax.Arr
     return merge_groups(dequantize(split_groups(q, c, spec.group_size), w_qp, dtype), c)
 
 
-def _rounded(qp: QParams | None) -> QParams | None:
-    """Parameters as the codes use them: the zero point rounded to an integer (torch's
-    ``round(zero_point)`` of learned zero points)."""
-    if qp is None:
-        return None
+def _rounded(qp: QParams | None, fmt: Format | None) -> QParams | None:
+    """Parameters as the codes use them: a float (learned) zero point as
+    :func:`qatjax.fake_quant.used_zero_point` makes it, ``clip(round(zp), qmin, qmax)``, int32."""
+    if qp is None or fmt is None:
+        return qp
     zp = jnp.asarray(qp.zero_point)
     if jnp.issubdtype(zp.dtype, jnp.floating):
-        zp = jnp.round(zp).astype(jnp.int32)
+        zp = used_zero_point(zp, fmt).astype(jnp.int32)
     return QParams(qp.scale, zp)
 
 
@@ -368,12 +369,12 @@ def dot_from_codes(qx: jax.Array, qw: jax.Array, x_qp: QParams | None, w_serving
       w_serving: rhs parameters in serving form (None when ``w_format`` is None).
     """
     if spec.w_format is None:
-        return _contract(qx, _rounded(x_qp), qw, None, spec.dims(qx.ndim, qw.ndim), spec)
+        return _contract(qx, _rounded(x_qp, spec.x_format), qw, None, spec.dims(qx.ndim, qw.ndim), spec)
     perm = spec.serving_perm(qw.ndim)
     w_qp = QParams(*(_operand_form(a, spec, qw.ndim, perm) for a in w_serving))
     dims = _permuted_dims(spec.dims(qx.ndim, qw.ndim), perm)
     group_axis = None if spec.group_size is None else perm.index(_group_axis(spec, qw.ndim))
-    return _contract(qx, _rounded(x_qp), qw, w_qp, dims, spec, group_axis)
+    return _contract(qx, _rounded(x_qp, spec.x_format), qw, w_qp, dims, spec, group_axis)
 
 
 def _zero_point_is_zero(fmt: Format, symmetric: bool) -> bool:
@@ -497,7 +498,7 @@ def _kernel_layout_in_training(spec: DotSpec) -> bool:
 
 
 def _encode_lhs(x, x_qp, spec: DotSpec):
-    return x if spec.x_format is None else quantize(x, _rounded(x_qp), spec.x_format)
+    return x if spec.x_format is None else quantize(x, _rounded(x_qp, spec.x_format), spec.x_format)
 
 
 def serve(x: jax.Array, codes: jax.Array, x_qp: QParams | None, w_serving: QParams,
@@ -510,13 +511,13 @@ def serve(x: jax.Array, codes: jax.Array, x_qp: QParams | None, w_serving: QPara
 
 def _forward(x, w, x_qp, w_qp, spec: DotSpec):
     """The training / unconverted-infer forward: ``(y, lhs codes, kernel-layout rhs codes)``."""
-    x_qp = _rounded(x_qp)
+    x_qp = _rounded(x_qp, spec.x_format)
     qx = _encode_lhs(x, x_qp, spec)
     if spec.w_format is None:
         return dot_from_codes(qx, w, x_qp, None, spec), qx, w
     if _kernel_layout_in_training(spec):
         q_kernel = _kernel_codes(w, w_qp, spec)
-        w_op = QParams(jnp.asarray(w_qp.scale, jnp.float32), _rounded(w_qp).zero_point)
+        w_op = QParams(jnp.asarray(w_qp.scale, jnp.float32), _rounded(w_qp, spec.w_format).zero_point)
         group_axis = _group_axis(spec, w.ndim) if spec.group_size is not None else None
         y = _contract(qx, x_qp, q_kernel, w_op, spec.dims(x.ndim, w.ndim), spec, group_axis)
         return y, qx, q_kernel
@@ -555,11 +556,11 @@ def _qdot_bwd(spec, dtype, w_dtype, res, g):
     if spec.original_residuals or spec.x_format is None:
         a = a.astype(dtype)
     else:  # x_hat
-        a = dequantize(a, _rounded(x_qp), dtype)
+        a = dequantize(a, _rounded(x_qp, spec.x_format), dtype)
     if spec.original_residuals or spec.w_format is None:
         b = b.astype(dtype)
     else:  # w_hat
-        b = _decode_kernel(b, _rounded(w_qp), spec, dtype)
+        b = _decode_kernel(b, _rounded(w_qp, spec.w_format), spec, dtype)
     if isinstance(spec, ConvSpec):
         _, vjp = jax.vjp(lambda a_, b_: spec.conv(a_, b_, jnp.float32), a, b)
         dx, dw = vjp(g.astype(jnp.float32))

@@ -699,3 +699,43 @@ def test_property_every_code_round_trips(fmt, data):
     values = dequantize(jnp.asarray(codes), qp)
     assert_same_bits(quantize(values, qp, fmt), codes)
     assert np.unique(np.asarray(values)).size == np.unique(codes.astype(F32)).size
+
+
+# ----------------------------------------------------------------------------- zero points and learned scales
+
+
+def test_a_concrete_zero_point_outside_the_format_is_refused():
+    x = jnp.linspace(-1.0, 1.0, 7)
+    for fn in (lambda: qatjax.fake_quant(x, QParams(jnp.float32(0.1), jnp.int32(300)), qatjax.int8),
+               lambda: qatjax.quantize(x, QParams(jnp.float32(0.1), jnp.int32(-129)), qatjax.int8),
+               lambda: qatjax.fake_quant(x, QParams(jnp.float32(0.1), jnp.float32(20.0)), qatjax.int4,
+                                         ste="lsq")):
+        with pytest.raises(ValueError, match=r"`qp.zero_point` must lie in \[-?\d+, \d+\]"):
+            fn()
+
+
+def test_a_learned_zero_point_is_clamped_as_torch_does():
+    """torch's learnable fake quantization uses clamp(round(zp), qmin, qmax): with zp = 20 on
+    int4 (range [-8, 7]) the zero point is 7 and 0.0 stays exactly 0 (it used to give -1.3)."""
+    f = jax.jit(lambda x, zp: qatjax.fake_quant(x, QParams(jnp.float32(0.1), zp), qatjax.int4, ste="lsq"))
+    x = jnp.asarray([0.0, -0.3, 0.05, -2.0], jnp.float32)
+    got = np.asarray(f(x, jnp.float32(20.0)))
+    zp = 7.0  # clamp(round(20), -8, 7)
+    ref = (np.clip(np.round(np.asarray(x) / np.float32(0.1)) + zp, -8, 7) - zp) * np.float32(0.1)
+    np.testing.assert_array_equal(got, ref.astype(np.float32))
+    assert got[0] == 0.0
+    # The codes use the same zero point.
+    codes = jax.jit(lambda x, zp: qatjax.quantize(x, QParams(jnp.float32(0.1), zp), qatjax.int4))(
+        x, jnp.float32(20.0))
+    np.testing.assert_array_equal(np.asarray(codes), np.clip(np.round(np.asarray(x) / 0.1) + zp, -8, 7))
+
+
+def test_a_learned_scale_that_reaches_zero_is_floored_not_nan():
+    f = jax.jit(lambda x, s: qatjax.fake_quant(x, QParams(s, jnp.int32(0)), qatjax.int8, ste="lsq"))
+    x = jnp.asarray([1e-8, -3e-7, 0.5], jnp.float32)
+    for s in (0.0, -1.0):
+        got = np.asarray(f(x, jnp.float32(s)))
+        eps = np.float32(np.finfo(np.float32).eps)
+        ref = np.clip(np.round(np.asarray(x) / eps), -128, 127) * eps
+        assert np.all(np.isfinite(got))
+        np.testing.assert_allclose(got, ref, rtol=1e-6)

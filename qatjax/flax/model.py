@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qatjax.fake_quant import used_zero_point
 from qatjax.fp8 import Fp8Quantizer
 from qatjax.flax import specs
 from qatjax.flax.layers import _FINALIZE, quant_mode
@@ -489,11 +490,12 @@ def convert(variables: Variables) -> dict:
         target["kernel_scale"], target["kernel_zero_point"] = w_serving
         for name in ("kernel", "kernel_scale", "kernel_zero_point"):
             layer_params.pop(name, None)
-        # LSQ-learned input parameters move next to the codes.
+        # LSQ-learned input parameters move next to the codes, as the codes use them.
         for name in ("input_scale", "input_zero_point"):
             if name in layer_params:
                 value = layer_params.pop(name)
-                target[name] = value if name == "input_scale" else jnp.round(value).astype(jnp.int32)
+                target[name] = (value if name == "input_scale"
+                                else used_zero_point(value, in_fmt).astype(jnp.int32))
     return out
 
 
