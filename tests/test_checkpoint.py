@@ -362,3 +362,23 @@ def test_calibrate_and_finalize_work_on_an_unhashable_module():
     del model
     gc.collect()
     assert key not in model_lib._APPLY_BY_ID
+
+
+@pytest.mark.parametrize("cfg", [
+    QatConfig(weight_format="int4", activation_format=None, weight_granularity="per_group", weight_group_size=8),
+    QatConfig(weight_format="int8", activation_format="fp8_e4m3", activation_scaling="dynamic"),
+], ids=["w4-group-only", "int8-x-fp8"])
+def test_models_converted_before_named_descriptors_still_serve(cfg):
+    """Before the recipe was stored by name every dense layer served [N, K] codes and [N, G]
+    scales; such converted variables (int32 descriptors) must serve what they did."""
+    layer = QatDense(12, config=cfg)
+    x = jax.random.normal(jax.random.key(0), (3, 16))
+    served = qatjax.convert(layer.init(jax.random.key(1), x))
+    want = layer.apply(served, x, mode="infer")
+    qp = dict(served["quant_params"])
+    assert qp["kernel_codes"].shape == (16, 12)  # today's layout for these layers: [K, N]
+    old = {**qp, **_old_descriptors(cfg), "kernel_codes": qp["kernel_codes"].T,
+           "kernel_scale": jnp.asarray(qp["kernel_scale"]).T,
+           "kernel_zero_point": jnp.asarray(qp["kernel_zero_point"]).T}
+    got = layer.apply({**served, "quant_params": old}, x, mode="infer")
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

@@ -317,7 +317,8 @@ class _QuantLayer:
             return serve(x, self._read("quant_params", "kernel_codes"), x_qp, serving, spec)
         w_qp = w_quant.qparams(meta_w and meta_w.value, kernel)
         if mode == "infer":
-            return serve(x, *encode_weight(kernel, w_qp, spec), spec)
+            codes, serving = encode_weight(kernel, w_qp, spec)
+            return serve(x, codes, x_qp, serving, spec)
         y = fp8_lib.fp8_dot(x, kernel, x_qp.scale, w_qp.scale, cfg.activation_format, cfg.weight_format,
                             cfg.fp8_grad_format, cfg.fp8_margin, self.axis_name)
         if delayed:
@@ -333,6 +334,20 @@ class _QuantLayer:
         cfg = self.config
         return cfg.weight_group_size if cfg.weight_granularity == "per_group" else None
 
+    def _stored_weights(self, spec: DotSpec) -> tuple[jax.Array, QParams]:
+        """The converted kernel codes and serving parameters (``quant_params``), in the layout
+        ``spec`` serves."""
+        codes = self._read("quant_params", "kernel_codes")
+        serving = QParams(*(self._read("quant_params", n) for n in ("kernel_scale", "kernel_zero_point")))
+        if (self.get_variable("quant_params", "kernel_spec").dtype == jnp.int32
+                and spec.serving_perm(codes.ndim) != (1, 0) and codes.ndim == 2
+                and not isinstance(spec, ConvSpec) and spec.dimension_numbers is None):
+            # Converted before the recipe was stored by name (int32 descriptors), when every
+            # dense layer served [N, K] codes and [N, G] parameters: read them in the kernel
+            # layout that dense layers other than int x int / fp8 x fp8 now serve.
+            codes, serving = codes.T, QParams(*(jnp.asarray(a).T for a in serving))
+        return codes, serving
+
     def _quantized_forward(self, x: jax.Array, kernel: jax.Array | None, mode: str,
                            spec: DotSpec) -> jax.Array:
         """Output of train / infer mode in float32, before bias: the one quantized contraction
@@ -341,15 +356,7 @@ class _QuantLayer:
             return self._fp8_recipe_forward(x, kernel, mode)
         x_qp = self._input_qparams(x, mode, contracting_axes(spec, x.ndim, "lhs"))
         if self.has_variable("quant_params", "kernel_codes"):
-            codes = self._read("quant_params", "kernel_codes")
-            serving = QParams(*(self._read("quant_params", n)
-                                for n in ("kernel_scale", "kernel_zero_point")))
-            if (self.get_variable("quant_params", "kernel_spec").dtype == jnp.int32
-                    and spec.serving_perm(codes.ndim) != (1, 0) and codes.ndim == 2):
-                # Converted before the recipe was stored by name (int32 descriptors), when every
-                # dense layer served [N, K] codes and [N, G] parameters: read them in the
-                # kernel layout that layers other than int x int / fp8 x fp8 now serve.
-                codes, serving = codes.T, QParams(*(jnp.asarray(a).T for a in serving))
+            codes, serving = self._stored_weights(spec)
             return serve(x, codes, x_qp, serving, spec)
         w_qp = None if spec.w_format is None else self._weight_qparams(kernel, spec)
         return quantized_dot(x, kernel, x_qp, w_qp, spec)
@@ -384,7 +391,7 @@ class QatDense(_QuantLayer, nn.Dense):
                 self._learnable_kernel_scale(self._read("params", "kernel"), self._dot_spec(), reset=True)
             return y
         if converted:
-            k_in = _codes_k(self._read("quant_params", "kernel_codes"), self._dot_spec())
+            k_in = _codes_k(self._stored_weights(self._dot_spec())[0], self._dot_spec())
             kernel = None
         else:
             kernel = self.param("kernel", self.kernel_init, (jnp.shape(inputs)[-1], self.features),
@@ -442,7 +449,7 @@ class QatDenseGeneral(_QuantLayer, nn.DenseGeneral):
             return y
         kernel = None
         if converted:
-            k_codes = _codes_k(self._read("quant_params", "kernel_codes"), self._dot_spec())
+            k_codes = _codes_k(self._stored_weights(self._dot_spec())[0], self._dot_spec())
             if k_codes != k_in:
                 raise ValueError(f"QatDenseGeneral {self.path_str()}: inputs have {in_shape} on the "
                                  f"contracted axes, but the kernel codes expect {k_codes} values.")
