@@ -1,14 +1,23 @@
-"""Quantize a Flax model without editing it: ``quantize_model`` swaps its layers at call time.
+"""Quantize a Flax model without editing it: ``quantize_model`` intercepts it at call time.
 
 ``quantize_model(model, config)`` returns a copy of a linen model whose methods run
-under :func:`flax.linen.intercept_methods`: every call of a plain ``nn.Dense`` /
-``nn.DenseGeneral`` / ``nn.Conv`` inside it (attention projections included) runs as
-:class:`~qatjax.flax.QatDense` / :class:`~qatjax.flax.QatDenseGeneral` /
-:class:`~qatjax.flax.QatConv` with the same attributes, in the same scope. Parameter names and paths are those of
-the float model, so its checkpoint loads unchanged; the quantization state appears
-next to each layer's parameters (``quant_stats``, ``quant_params``), and every qatjax
-tool (calibrate, report, convert, export) works on the result. This is what
-``qwix.quantize_model`` does for Qwix.
+under :func:`flax.linen.intercept_methods`, at two levels:
+
+* every call of a plain ``nn.Dense`` / ``nn.DenseGeneral`` / ``nn.Conv`` / ``nn.Einsum``
+  (attention projections included) runs as :class:`~qatjax.flax.QatDense` /
+  :class:`~qatjax.flax.QatDenseGeneral` / :class:`~qatjax.flax.QatConv` /
+  :class:`~qatjax.flax.QatEinsum` with the same attributes, in the same scope;
+* inside every other module a rule matches (attention, subclasses of ``nn.Dense``,
+  custom layers), its own ``lax.dot_general``, ``jnp.einsum`` and
+  ``lax.conv_general_dilated`` calls run as the core's quantized contractions
+  (:mod:`qatjax.qdot`), named ``dot_general0``, ``einsum1``... per call. An operand that is
+  one of the module's parameters is a weight, any other an activation with its own
+  observer and scales; these take static or dynamic scales.
+
+Parameter names and paths are those of the float model, so its checkpoint loads
+unchanged; the quantization state appears next to each module's parameters
+(``quant_stats``, ``quant_params``), and every qatjax tool (calibrate, report, convert,
+export) works on the result. This is what ``qwix.quantize_model`` does for Qwix.
 
 The mode comes from the ``mode`` argument or, per apply, from
 :func:`qatjax.flax.quant_mode` (the wrapped model's own signature is unchanged).

@@ -295,12 +295,10 @@ class _QuantLayer:
     def _fp8_meta(self):
         """Delayed-scaling state of the input and the kernel, as plain arrays in ``fp8_meta``:
         ``{input,kernel}_amax_history [L]`` and ``{input,kernel}_scale ()``."""
-        n = self.config.amax_history_len
-        empty = fp8_lib.init_history(n)
         return tuple(
-            _HistoryVars(self.variable("fp8_meta", f"{name}_amax_history", lambda: empty.history),
-                         self.variable("fp8_meta", f"{name}_scale", lambda: empty.scale))
-            for name in ("input", "kernel"))
+            _HistoryVars(self.variable("fp8_meta", f"{name}_amax_history", lambda q=quant: q.init().history),
+                         self.variable("fp8_meta", f"{name}_scale", lambda q=quant: q.init().scale))
+            for name, quant in zip(("input", "kernel"), self.config.fp8_quantizers()))
 
     def _fp8_recipe_forward(self, x: jax.Array, kernel: jax.Array | None, mode: str) -> jax.Array:
         """The fp8 training recipe (``config.fp8_scaling``): float32 output before bias. Its
