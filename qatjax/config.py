@@ -43,8 +43,10 @@ class QatConfig:
         feature) or ``"per_group"`` (blocks of ``weight_group_size`` input features,
         per output feature).
       weight_group_size: block size along the contraction axis for ``"per_group"``.
-      weight_symmetric: symmetric (zero point 0) or affine weights.
-      activation_symmetric: symmetric or affine activations (affine suits ``uint8``).
+      weight_symmetric: symmetric (zero point 0) or affine weights. Unsigned formats
+        (``uint8``, ``uint4``) need affine (``False``): with zero point 0 they cannot
+        represent negative values, so a symmetric unsigned config is refused.
+      activation_symmetric: symmetric or affine activations (the same rule).
       activation_scaling: ``"static"`` (scales from calibration, frozen in
         ``quant_params`` or learned with LSQ) or ``"dynamic"`` (from each batch: absmax,
         or min / max when ``activation_symmetric`` is False; no calibration needed).
@@ -164,6 +166,13 @@ class QatConfig:
             symmetric = getattr(self, name.replace("format", "symmetric"))
             if fmt is not None and fmt.is_float and not symmetric:
                 raise ValueError(f"QatConfig: fp8 `{name}` must be symmetric.")
+            if fmt is not None and not fmt.is_float and not fmt.signed and symmetric:
+                # Symmetric unsigned codes have zero point 0: every negative value becomes 0.
+                sym_name = name.replace("format", "symmetric")
+                raise ValueError(
+                    f"QatConfig: {name}={fmt.name!r} with {sym_name}=True cannot represent "
+                    f"negative values (zero point 0 clips them all to 0); set {sym_name}=False "
+                    f"(affine {fmt.name}) or use a signed format such as 'int{fmt.bits}'.")
         if self.fp8_grad_format is not None and not self.fp8_grad_format.is_float:
             raise ValueError("QatConfig: `fp8_grad_format` must be an fp8 format or None.")
         if self.fp8_scaling is not None:

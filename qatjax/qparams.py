@@ -81,7 +81,8 @@ def qparams_from_minmax(
       ``zero_point = clip(qmin - round_half_even(lo / scale), qmin, qmax)``.
 
     ``eps`` is float32 machine epsilon, so a constant or all-zero input still gets
-    a valid positive scale.
+    a valid positive scale. ``(lo, hi) = (+inf, -inf)``, the range of an observer
+    before any data, gives that smallest scale too; a NaN bound gives a NaN scale.
 
     Args:
       lo, hi: float arrays of the same shape (scalars for per-tensor, keepdims
@@ -91,10 +92,13 @@ def qparams_from_minmax(
         always symmetric.
     Returns:
       ``QParams`` with float32 ``scale`` and int32 ``zero_point`` of the broadcast shape.
+    Raises:
+      ValueError: if concrete finite bounds have ``lo > hi`` somewhere (swapped arguments).
     """
     fmt = as_format(fmt)
     lo = jnp.asarray(lo, jnp.float32)
     hi = jnp.asarray(hi, jnp.float32)
+    _check_ordered(lo, hi)
     lo = jnp.minimum(lo, 0.0)
     hi = jnp.maximum(hi, 0.0)
     if symmetric or fmt.is_float:
@@ -103,6 +107,20 @@ def qparams_from_minmax(
     scale = jnp.maximum(_divide(hi - lo, jnp.float32(qmax - qmin)), jnp.float32(SCALE_EPS))
     zero_point = jnp.clip(jnp.float32(qmin) - jnp.round(_divide(lo, scale)), qmin, qmax)
     return QParams(computed_once(scale), computed_once(zero_point.astype(jnp.int32)))
+
+
+def _check_ordered(lo: jax.Array, hi: jax.Array) -> None:
+    """Refuses concrete finite bounds with ``lo > hi`` (traced bounds cannot be checked)."""
+    if isinstance(lo, jax.core.Tracer) or isinstance(hi, jax.core.Tracer):
+        return
+    lo_np, hi_np = np.broadcast_arrays(np.asarray(lo), np.asarray(hi))
+    swapped = (lo_np > hi_np) & np.isfinite(lo_np) & np.isfinite(hi_np)
+    if swapped.any():
+        i = np.argwhere(swapped)[0]
+        raise ValueError(
+            f"qparams_from_minmax: `lo` must not exceed `hi`, got lo={lo_np[tuple(i)]:g} > "
+            f"hi={hi_np[tuple(i)]:g}" + (f" at index {tuple(int(j) for j in i)}" if i.size else "")
+            + " (are the arguments swapped?).")
 
 
 def reduce_axes(ndim: int, keep_axes: int | Sequence[int] | None) -> tuple[int, ...]:

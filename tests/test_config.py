@@ -107,3 +107,18 @@ def test_a_recipe_without_fields_is_refused_not_the_default(text, tmp_path):
     path.write_text(text)
     with pytest.raises(ValueError, match="holds no recipe"):
         QatConfig.from_yaml(str(path))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(weight_format="uint8"), r"weight_format='uint8' with weight_symmetric=True cannot "
+                                  r"represent negative values.*weight_symmetric=False"),
+    (dict(activation_format="uint8"), r"activation_format='uint8' with activation_symmetric=True"),
+    (dict(weight_format="uint4", activation_format=None), r"'int4'"),
+])
+def test_symmetric_unsigned_formats_are_refused_with_the_fix(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        QatConfig(**kwargs)
+    # The affine version of the same recipe is accepted.
+    fixed = {k.replace("format", "symmetric"): False for k, v in kwargs.items()
+             if v is not None and v.startswith("u")}
+    QatConfig(**kwargs, **fixed)

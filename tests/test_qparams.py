@@ -326,3 +326,23 @@ def test_parameters_are_computed_once_not_per_element():
     # the exact division's bit mask 0xFFFFF000 (4294963200) is computed in another fusion
     assert "4294963200" not in big[0] and "bitcast-convert" not in big[0], big[0]
     assert any("4294963200" in c for c in comps), hlo
+
+
+@pytest.mark.parametrize("lo,hi,symmetric,where", [
+    (2.0, -2.0, True, ""),
+    (1.0, 0.5, False, ""),
+    (np.array([0.0, 3.0]), np.array([1.0, 2.0]), False, r" at index \(1,\)"),
+])
+def test_swapped_bounds_are_refused(lo, hi, symmetric, where):
+    fmt = qatjax.uint8 if not symmetric else qatjax.int8
+    with pytest.raises(ValueError, match=r"`lo` must not exceed `hi`.*" + where):
+        qatjax.qparams_from_minmax(lo, hi, fmt, symmetric=symmetric)
+
+
+def test_empty_and_nan_ranges_are_documented_results():
+    # (+inf, -inf) is an observer's range before any data: the smallest scale, zero point 0.
+    qp = qatjax.qparams_from_minmax(np.inf, -np.inf, qatjax.int8)
+    assert float(qp.scale) == qatjax.qparams.SCALE_EPS and int(qp.zero_point) == 0
+    # A NaN bound gives a NaN scale (NaN in, NaN out), eagerly and under jit.
+    for fn in (qatjax.qparams_from_minmax, jax.jit(qatjax.qparams_from_minmax, static_argnums=2)):
+        assert np.isnan(fn(np.float32(np.nan), 1.0, qatjax.int8).scale)
