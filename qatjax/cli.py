@@ -5,8 +5,11 @@
 
 ``run`` trains the float digits MLP, applies the recipe file (``configs/*.yaml``:
 ``recipe: ptq|qat``, ``description:``, ``quant:``), and prints the float row and the
-recipe's row. ``--save`` writes the recipe's variables (calibrated or trained, with their
-calibration statistics) with :func:`qatjax.checkpoint.save`. The digits experiment is
+recipe's row. ``--save`` writes the served model the table reports -- the recipe's
+variables (calibrated or trained) after :func:`qatjax.convert`: weight codes and scales,
+no float kernels or calibration statistics -- with :func:`qatjax.checkpoint.save`; the
+target is checked (a new path in an existing, writable directory) before the run starts.
+The digits experiment is
 example code, not part of the package: ``run`` loads ``examples/digits_experiment.py``
 from ``--examples-dir``, else from ``$QATJAX_EXAMPLES_DIR``, else from the source checkout
 the package is installed from (``pip install -e ".[examples]"``), and needs the example
@@ -16,8 +19,10 @@ dependencies (optax, scikit-learn, matplotlib, tqdm).
 :func:`qatjax.quant_report`: layer path, formats, weight scale range, activation scale,
 zero point and range, calibration method, saturation rate.
 
-Errors the user can fix (missing file, bad YAML, unknown key, existing ``--save`` target,
-not a checkpoint) print one line on stderr and exit with status 2.
+Errors the user can fix (missing file, bad YAML, unknown key, existing or unwritable
+``--save`` target, not a checkpoint, a corrupted checkpoint) print one line on stderr and
+exit with status 2. Ctrl-C prints ``qatjax: interrupted`` and exits with status 130,
+having written nothing (``--save`` writes its file atomically, at the end).
 """
 
 from __future__ import annotations
@@ -26,18 +31,19 @@ import argparse
 import importlib.util
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
-__all__ = ["main", "build_parser"]
+__all__ = ["build_parser", "main"]
 
 _EPILOG = """examples:
   qatjax run configs/int8_ptq.yaml --quick
   qatjax run configs/int8_qat.yaml --save int8_qat.msgpack
   qatjax inspect int8_qat.msgpack
 
-exit status: 0 success, 2 bad arguments, file or config."""
+exit status: 0 success, 2 bad arguments, file or config, 130 interrupted (Ctrl-C)."""
 
 # `qatjax run` runs the digits experiment, which is example code (examples/ of a source
 # checkout), not part of the package.
@@ -73,8 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quick", action="store_true",
                      help="fewer epochs and calibration images (seconds instead of a minute)")
     run.add_argument("--save", metavar="PATH", default=None,
-                     help="write the resulting variables to PATH (msgpack, qatjax.checkpoint); "
-                          "PATH must not exist")
+                     help="write the served model the table reports to PATH: the recipe's "
+                          "variables after qatjax.convert (weight codes and scales; no float "
+                          "kernels, no calibration statistics), msgpack with a checksum "
+                          "(qatjax.checkpoint). PATH must not exist and its directory must exist "
+                          "and be writable; both are checked before the run")
     run.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     run.add_argument("--examples-dir", metavar="DIR", default=None,
                      help=f"directory holding {EXPERIMENT_FILE} (default: ${EXAMPLES_ENV}, else "
@@ -85,7 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Load a checkpoint written by qatjax.checkpoint.save (or an orbax directory) "
                     "and print, per quantized layer: path, weight format and granularity, weight "
                     "scale range, input format, calibration method, input scale, zero point, "
-                    "range, saturation rate and skipped non-finite values.")
+                    "range, saturation rate and skipped non-finite values (the last two from "
+                    "histogram calibration statistics; a served model, as `qatjax run --save` "
+                    "writes, has none and shows -).")
     inspect.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint file or directory")
     return parser
 
@@ -141,9 +152,29 @@ def _load_experiment(examples_dir: str | os.PathLike | None = None) -> ModuleTyp
     return module
 
 
+def _check_save_target(path: str) -> None:
+    """Refuses, before the run, a ``--save`` target the end of the run could not write: an
+    existing path, or one whose directory does not exist or does not let us create files."""
+    if os.path.lexists(path):
+        raise _UserError(f"--save: {path!r} exists; choose a new path")
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise _UserError(f"--save: cannot write {path!r}: {directory!r} is not an existing "
+                         "directory")
+    try:  # the one reliable test (permissions, ACLs, read-only mounts, root)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as e:
+        raise _UserError(f"--save: cannot write {path!r}: cannot create a file in {directory!r} "
+                         f"({e.strerror or e})") from None
+
+
 def _run(args: argparse.Namespace) -> None:
+    import qatjax
     from qatjax import checkpoint
 
+    if args.save is not None:
+        _check_save_target(args.save)
     digits = _load_experiment(args.examples_dir)
     try:
         recipe = digits.load_recipe(args.config)
@@ -153,8 +184,6 @@ def _run(args: argparse.Namespace) -> None:
         digits.check_config(recipe.config)
     except (ValueError, TypeError) as e:
         raise _UserError(f"{args.config}: this recipe cannot run on the digits MLP: {e}") from None
-    if args.save is not None and os.path.exists(args.save):
-        raise _UserError(f"--save: {args.save!r} exists; choose a new path")
     settings = (digits.QUICK if args.quick else digits.FULL).replace(**recipe.train)
     progress = not args.no_progress
     data = digits.load_data(seed=settings.seed)
@@ -167,10 +196,11 @@ def _run(args: argparse.Namespace) -> None:
     print(digits.format_table([digits.float_row(model, float_vars, data), row]))
     if args.save is not None:
         try:
-            checkpoint.save(args.save, row.variables)
+            checkpoint.save(args.save, qatjax.convert(row.variables))
         except OSError as e:
             raise _UserError(f"--save: cannot write {args.save!r}: {e.strerror or e}") from None
-        print(f"saved {args.save}")
+        print(f"saved {args.save}: the served model (qatjax.convert: weight codes and scales, "
+              f"{os.path.getsize(args.save):,} bytes)")
 
 
 def _inspect(args: argparse.Namespace) -> None:
@@ -211,6 +241,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _UserError as e:
         print(f"qatjax: error: {_one_line(str(e))}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: no traceback; --save writes nothing until the end
+        print("qatjax: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

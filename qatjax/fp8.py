@@ -9,6 +9,24 @@ gradient in e5m2, one per-tensor scale for each.
   from steps ``< t``; the amax of step ``t`` is pushed after quantizing. A zero or
   non-finite amax keeps the previous scale.
 
+Non-finite values and where the amax rules differ from Transformer Engine's
+(``DelayedScaling``):
+
+* amax is taken over the finite values only; NaN and infinities do not set the scale of
+  the other values, and the outputs that read them are NaN (NaN in, NaN out, as in
+  float training: the loss of a diverging run is non-finite). Transformer Engine's amax
+  kernel skips NaN (``fmaxf``) but keeps an infinity.
+* An amax that is not finite (here only an overflow of the cross-device maximum) is not
+  pushed into the history. Transformer Engine stores it, and with ``"max"`` holds the
+  previous scale for as long as the infinity stays in the window (up to
+  ``amax_history_len`` steps).
+* The default history is 16 steps (``QatConfig.amax_history_len``) against Transformer
+  Engine's and Flax's 1024: with ``"max"`` a scale then recovers from a one-step spike
+  after 16 steps instead of 1024. Set 1024 to reproduce their scales.
+* ``scale`` here multiplies codes back (``x ~ q * scale``, ``scale = amax / fp8_max *
+  2**margin``); Transformer Engine's ``scale`` is its reciprocal (``scale_inv`` is ours).
+  Both clamp it so that a tiny amax cannot give a zero or infinite scale.
+
 The output gradient is always scaled with its current amax, computed in the
 backward pass. Delayed scaling of gradients would need the backward pass to write
 state, which in JAX can only leave through a cotangent, i.e. an ``params`` entry
@@ -32,7 +50,7 @@ import dataclasses
 
 from qatjax.fake_quant import quantize
 from qatjax.formats import FloatFormat
-from qatjax.qdot import DotSpec, dot_from_codes, encode_weight
+from qatjax.qdot import DotSpec, dot_from_codes, encode_weight, propagate_non_finite
 from qatjax.qparams import QParams
 
 __all__ = [
@@ -64,8 +82,14 @@ def init_history(length: int) -> AmaxHistory:
 
 
 def amax(x: jax.Array, axis_name: str | None = None) -> jax.Array:
-    """``max|x|`` in float32 (NaN-propagating), reduced with ``pmax`` over ``axis_name``."""
-    a = jnp.max(jnp.abs(x)).astype(jnp.float32)
+    """``max|x|`` over the finite values of ``x`` (0 when there are none), in float32, reduced
+    with ``pmax`` over ``axis_name``.
+
+    NaN and infinities are left out, so that one of them does not change the scale of every
+    other value (the contraction makes the outputs that read them NaN, see
+    :func:`qatjax.qdot.propagate_non_finite`).
+    """
+    a = jnp.max(jnp.where(jnp.isfinite(x), jnp.abs(x), 0)).astype(jnp.float32)
     return a if axis_name is None else lax.pmax(a, axis_name)
 
 
@@ -169,7 +193,9 @@ def _fp8_forward(x, kernel, x_scale, w_scale, x_fmt, w_fmt):
     x_qp = QParams(x_scale, jnp.zeros((), jnp.int32))
     qx = quantize(x, x_qp, x_fmt)
     qw, serving = encode_weight(kernel, QParams(w_scale, jnp.zeros((), jnp.int32)), spec)
-    return dot_from_codes(qx, qw, x_qp, serving, spec), qx, qw
+    y = propagate_non_finite(dot_from_codes(qx, qw, x_qp, serving, spec), x, kernel, spec,
+                             kernel.shape)
+    return y, qx, qw
 
 
 def _fp8_dot_fwd(x, kernel, x_scale, w_scale, x_fmt, w_fmt, g_fmt, g_margin, axis_name):

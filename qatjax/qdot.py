@@ -13,8 +13,9 @@ the same codes in training and serving. The backward pass is the straight-throug
 estimator, computed from the forward's codes: the vector-Jacobian product of
 ``dot_general(lhs_hat, rhs_hat)`` with ``lhs_hat``, ``rhs_hat`` the dequantized codes,
 times the masks of the chosen estimator (skipped when provably all ones). The residuals
-kept for the backward are the forward's 1-byte codes and their parameters -- a quarter
-of float training's activation memory, and no second quantization. With LSQ the
+kept for the backward are the forward's 1-byte codes and their parameters (plus a
+1-byte mask per element where the clipped estimator's mask is not provably all ones) --
+a quarter (half with masks) of float32 training's, and no second quantization. With LSQ the
 backward is the vector-Jacobian product of the float reference :func:`reference_dot`,
 which also gives the scale and zero-point gradients.
 
@@ -63,6 +64,7 @@ __all__ = [
     "quantized_dot",
     "dot_from_codes",
     "serve",
+    "propagate_non_finite",
     "reference_dot",
     "encode_weight",
     "decode_weight",
@@ -91,6 +93,10 @@ class DotSpec:
         forward. Native contractions with the identity or clipped estimator only.
       dimension_numbers: ``lax.dot_general`` dimension numbers; None: dense, ``x [..., K]``
         with a kernel ``[K, N]`` (served transposed, ``[N, K]``).
+      w_is_activation: the rhs is an activation (attention's K or V), whose NaN and
+        infinities make the outputs that read them NaN, as the lhs's do. A weight's reach
+        the outputs through its min / max scale instead (NaN), which leaves the training
+        forward's arithmetic exactly that of serving.
     """
 
     x_format: Format | None
@@ -105,6 +111,7 @@ class DotSpec:
     w_mask: bool = True
     original_residuals: bool = False
     dimension_numbers: DimensionNumbers | None = None
+    w_is_activation: bool = False
 
     @property
     def native(self) -> str | None:
@@ -501,16 +508,65 @@ def _encode_lhs(x, x_qp, spec: DotSpec):
     return x if spec.x_format is None else quantize(x, _rounded(x_qp, spec.x_format), spec.x_format)
 
 
+def _reads_non_finite(a: jax.Array, side: str, spec: DotSpec, lhs_ndim: int,
+                      kernel_shape: tuple[int, ...]) -> jax.Array:
+    """Bool, broadcastable against the contraction's output: True where an output reads a
+    NaN or infinity of the operand ``a`` (``"lhs"``, or ``"rhs"`` in kernel layout).
+
+    Dot: any non-finite value along ``a``'s contracting axes, moved to the output layout.
+    Convolution (feature-last output): the lhs's windows that hold one (a convolution of the
+    mask with ones, one output per feature group); the kernel's output channels that do.
+    """
+    bad = ~jnp.isfinite(a)
+    if isinstance(spec, ConvSpec):
+        if side == "rhs":
+            return jnp.any(bad, axis=tuple(range(a.ndim - 1)))
+        groups = spec.feature_group_count
+        ones = jnp.ones(kernel_shape[:-1] + (groups,), jnp.float32)
+        hit = spec.conv(bad.astype(jnp.float32), ones, jnp.float32) > 0  # [N, *spatial', groups]
+        return jnp.repeat(hit, kernel_shape[-1] // groups, axis=-1) if groups > 1 else hit
+    dims = spec.dims(lhs_ndim, len(kernel_shape))
+    contracting = dims[0][0 if side == "lhs" else 1]
+    return to_output(jnp.any(bad, axis=contracting, keepdims=True), side, dims, lhs_ndim,
+                     len(kernel_shape))
+
+
+def propagate_non_finite(y: jax.Array, x: jax.Array, w: jax.Array | None, spec: DotSpec,
+                          kernel_shape: tuple[int, ...]) -> jax.Array:
+    """NaN in, NaN out: outputs that read a NaN or infinity of a quantized activation are NaN.
+
+    Codes cannot hold NaN (integers) or infinity (fp8 saturates), and activation scales are
+    computed from the finite values only, so without this a diverging input would give
+    finite outputs. The rhs counts only when ``spec.w_is_activation`` (``w`` is None when
+    serving stored codes).
+    """
+    if spec.x_format is not None:
+        y = jnp.where(_reads_non_finite(x, "lhs", spec, x.ndim, kernel_shape), jnp.nan, y)
+    if w is not None and spec.w_format is not None and spec.w_is_activation:
+        y = jnp.where(_reads_non_finite(w, "rhs", spec, x.ndim, kernel_shape), jnp.nan, y)
+    return y
+
+
 def serve(x: jax.Array, codes: jax.Array, x_qp: QParams | None, w_serving: QParams,
           spec: DotSpec) -> jax.Array:
     """Serving from stored weights: ``x`` quantized with ``x_qp``, then :func:`dot_from_codes`
     with the codes and serving parameters of :func:`encode_weight`. Equals the forward of
-    :func:`quantized_dot_general` / :func:`quantized_dot` bit for bit."""
-    return dot_from_codes(_encode_lhs(x, x_qp, spec), codes, x_qp, w_serving, spec)
+    :func:`quantized_dot_general` / :func:`quantized_dot` bit for bit; outputs that read a
+    NaN or infinity of ``x`` are NaN."""
+    y = dot_from_codes(_encode_lhs(x, x_qp, spec), codes, x_qp, w_serving, spec)
+    perm = spec.serving_perm(codes.ndim)
+    kernel_shape = tuple(codes.shape[perm.index(i)] for i in range(codes.ndim))
+    return propagate_non_finite(y, x, None, spec, kernel_shape)
 
 
 def _forward(x, w, x_qp, w_qp, spec: DotSpec):
-    """The training / unconverted-infer forward: ``(y, lhs codes, kernel-layout rhs codes)``."""
+    """The training / unconverted-infer forward: ``(y, lhs codes, kernel-layout rhs codes)``;
+    outputs that read a NaN or infinity of a quantized operand are NaN."""
+    y, qx, q_kernel = _forward_on_codes(x, w, x_qp, w_qp, spec)
+    return propagate_non_finite(y, x, w, spec, w.shape), qx, q_kernel
+
+
+def _forward_on_codes(x, w, x_qp, w_qp, spec: DotSpec):
     x_qp = _rounded(x_qp, spec.x_format)
     qx = _encode_lhs(x, x_qp, spec)
     if spec.w_format is None:
@@ -541,8 +597,8 @@ def _qdot_fwd(x, w, x_qp, w_qp, spec, x_dtype, w_dtype):
               if clipped and spec.x_mask and spec.x_format is not None else None)
     w_mask = (ste_mask(_split(w, spec), w_qp, spec.w_format).reshape(w.shape)
               if clipped and spec.w_mask and spec.w_format is not None else None)
-    # By default the residuals are the 1-byte codes (a quarter of float training's
-    # activation memory), dequantized by the backward right before its contractions.
+    # By default the residuals are the 1-byte codes (and masks), dequantized by the
+    # backward right before its contractions.
     operands = (x, w) if spec.original_residuals else (qx, q_kernel)
     return y, (operands, x_qp, w_qp, (x_mask, w_mask))
 

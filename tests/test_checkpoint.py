@@ -1,8 +1,13 @@
-"""Checkpoints you can resume from: named, versioned descriptors; typed loads; resumed
+"""Checkpoints you can resume from: named, versioned descriptors; typed loads; files that
+are checksummed, written atomically and readable in every earlier layout; resumed
 calibration and training equal to uninterrupted runs; models whose module is unhashable."""
 
 import gc
+import hashlib
 import json
+import os
+import pathlib
+import re
 
 import flax
 import flax.linen as nn
@@ -250,7 +255,9 @@ def test_checkpoint_version_metadata(tmp_path):
     path = checkpoint.save(tmp_path / "v.msgpack", variables)
     with open(path, "rb") as f:
         raw = flax.serialization.msgpack_restore(f.read())
-    assert raw["__qatjax__"] == {"version": checkpoint.CHECKPOINT_VERSION}
+    assert set(raw) == {"__qatjax__", "variables"}
+    assert raw["__qatjax__"] == {"version": checkpoint.CHECKPOINT_VERSION,
+                                 "sha256": hashlib.sha256(raw["variables"]).hexdigest()}
     assert set(checkpoint.load(path)) == {"params"}
 
     newer = dict(raw, __qatjax__={"version": checkpoint.CHECKPOINT_VERSION + 1})
@@ -259,6 +266,80 @@ def test_checkpoint_version_metadata(tmp_path):
         checkpoint.load(tmp_path / "newer.msgpack")
     with pytest.raises(ValueError, match="reserved"):
         checkpoint.save(tmp_path / "x.msgpack", {"__qatjax__": {}})
+
+
+def _saved_model(tmp_path):
+    """A calibrated model's variables (a state dict of numpy arrays, as ``load`` returns it)
+    and the path they are saved at."""
+    cfg = QatConfig(activation_observer="histogram", activation_estimator="percentile")
+    _, _, _, variables = _partly_calibrated(cfg)
+    variables = flax.serialization.to_state_dict(
+        jax.tree_util.tree_map(np.asarray, nn.meta.unbox(variables)))
+    return variables, checkpoint.save(tmp_path / "model.msgpack", variables)
+
+
+def test_a_flipped_byte_in_the_weights_is_refused(tmp_path):
+    variables, path = _saved_model(tmp_path)
+    data = bytearray(pathlib.Path(path).read_bytes())
+    kernel = variables["params"]["QatDense_1"]["kernel"]
+    at = bytes(data).find(kernel.tobytes())
+    assert at > 0  # the kernel's bytes are in the file as they are
+    data[at + kernel.nbytes // 2] ^= 0x01  # one bit of one weight
+    bad = tmp_path / "flipped.msgpack"
+    bad.write_bytes(bytes(data))
+    for target in (None, variables):
+        with pytest.raises(ValueError, match=re.escape(f"load: {str(bad)!r} is corrupted: its "
+                                                       "sha256 checksum does not match its contents")):
+            checkpoint.load(bad, target)
+
+
+@pytest.mark.parametrize("keep", [lambda n: n // 2, lambda n: n - 1, lambda n: 0],
+                         ids=["half", "all_but_the_last_byte", "empty"])
+def test_a_truncated_file_is_refused(tmp_path, keep):
+    _, path = _saved_model(tmp_path)
+    data = pathlib.Path(path).read_bytes()
+    cut = tmp_path / "cut.msgpack"
+    cut.write_bytes(data[:keep(len(data))])
+    with pytest.raises(ValueError, match=re.escape(f"load: {str(cut)!r} is truncated: the file "
+                                                   "ends")):
+        checkpoint.load(cut)
+
+
+@pytest.mark.parametrize("version", [0, 1])
+def test_files_of_earlier_versions_still_load(tmp_path, version):
+    """Files written before the checksum: the variables at the top level, next to
+    ``"__qatjax__": {"version": 1}`` (version 1) or alone (version 0)."""
+    variables, _ = _saved_model(tmp_path)
+    state = variables
+    if version == 1:  # what save wrote then
+        state = {**state, "__qatjax__": {"version": 1}}
+    old = tmp_path / f"v{version}.msgpack"
+    old.write_bytes(flax.serialization.msgpack_serialize(state))
+    loaded = checkpoint.load(old)
+    assert "__qatjax__" not in loaded
+    _assert_trees_equal(loaded, variables)
+    _assert_trees_equal(checkpoint.load(old, target=variables), variables)
+    assert str(qatjax.quant_report(loaded)) == str(qatjax.quant_report(variables))
+
+
+def test_save_is_atomic_and_an_interrupt_leaves_nothing(tmp_path, monkeypatch):
+    variables, path = _saved_model(tmp_path)
+    before = pathlib.Path(path).read_bytes()
+    umask = os.umask(0)
+    os.umask(umask)
+    if os.name == "posix":  # a new file's permissions are the umask's (not a temporary file's 0600)
+        assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask
+
+    def interrupted(fd):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "fsync", interrupted)  # Ctrl-C in the middle of writing
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(tmp_path / "new.msgpack", variables)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(path, {"params": {}}, overwrite=True)
+    assert os.listdir(tmp_path) == ["model.msgpack"]  # no partial file, no temporary file
+    assert pathlib.Path(path).read_bytes() == before
 
 
 # -- (3) resuming ----------------------------------------------------------------------

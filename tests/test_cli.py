@@ -1,4 +1,5 @@
-"""The ``qatjax`` command line: run, inspect, --help, and the one-line errors (exit 2).
+"""The ``qatjax`` command line: run, inspect, --help, the one-line errors (exit 2) and Ctrl-C
+(exit 130).
 
 ``run`` runs examples/digits_experiment.py, found in the source checkout (or --examples-dir /
 $QATJAX_EXAMPLES_DIR)."""
@@ -35,9 +36,11 @@ def test_help_explains_both_commands(capsys):
     assert cli.main(["--help"]) == 0
     out = capsys.readouterr().out
     assert "run" in out and "inspect" in out and "digits" in out and "exit status" in out
+    assert "130 interrupted" in out
     assert cli.main(["run", "--help"]) == 0
-    out = capsys.readouterr().out
+    out = " ".join(capsys.readouterr().out.split())
     assert "CONFIG" in out and "--quick" in out and "--save" in out and "relative logit error" in out
+    assert "served model" in out and "qatjax.convert" in out and "checked before the run" in out
     assert "--examples-dir" in out and "QATJAX_EXAMPLES_DIR" in out
     assert cli.main(["inspect", "--help"]) == 0
     out = capsys.readouterr().out
@@ -86,6 +89,54 @@ def test_run_refuses_to_overwrite_save_target(tmp_path, capsys):
     assert target.read_bytes() == b"precious"
 
 
+def _unwritable_dir(tmp_path):
+    """A directory we cannot create files in: read-only by its mode, or (root ignores modes)
+    Linux's /proc; None where neither is available."""
+    directory = tmp_path / "read_only"
+    directory.mkdir()
+    directory.chmod(0o500)
+    if not os.access(directory, os.W_OK):
+        return directory
+    return pathlib.Path("/proc") if sys.platform.startswith("linux") else None
+
+
+@pytest.mark.parametrize("where", ["missing", "file", "unwritable"])
+def test_run_checks_the_save_target_before_running(tmp_path, capsys, monkeypatch, where):
+    def started(*args, **kwargs):
+        raise AssertionError("the run started")
+
+    monkeypatch.setattr(cli, "_load_experiment", started)
+    fragment = "is not an existing directory"
+    if where == "missing":
+        directory = tmp_path / "no_such_dir"
+    elif where == "file":
+        directory = tmp_path / "a_file"
+        directory.write_text("")
+    else:
+        directory, fragment = _unwritable_dir(tmp_path), "cannot create a file in"
+        if directory is None:
+            pytest.skip("no unwritable directory on this system")
+    target = str(directory / "model.msgpack")
+    assert cli.main(["run", INT8_PTQ, "--quick", "--save", target]) == 2
+    _one_line_error(capsys, "--save", target, str(directory), fragment)
+    assert not os.path.exists(target)
+
+
+def test_ctrl_c_exits_130_with_one_line_and_saves_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv(cli.EXAMPLES_ENV, raising=False)
+    digits = cli._load_experiment()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(digits, "train_float", interrupted)
+    target = tmp_path / "model.msgpack"
+    assert cli.main(["run", INT8_PTQ, "--quick", "--no-progress", "--save", str(target)]) == 130
+    captured = capsys.readouterr()
+    assert captured.err == "qatjax: interrupted\n"
+    assert not target.exists() and os.listdir(tmp_path) == []
+
+
 # ----------------------------------------------------------------------------- run: the examples
 def test_run_finds_the_experiment_in_the_source_checkout(monkeypatch):
     monkeypatch.delenv(cli.EXAMPLES_ENV, raising=False)
@@ -124,7 +175,7 @@ def saved_run(tmp_path_factory):
     return code, out.getvalue(), path
 
 
-def test_run_prints_float_and_recipe_rows_and_saves(saved_run):
+def test_run_prints_float_and_recipe_rows_and_saves_the_served_model(saved_run):
     code, out, path = saved_run
     assert code == 0
     lines = out.splitlines()
@@ -135,10 +186,25 @@ def test_run_prints_float_and_recipe_rows_and_saves(saved_run):
     acc_float, acc = float(float_row[1]), float(recipe_row[1])
     assert acc_float > 95.0 and abs(acc - acc_float) <= 0.5
     assert recipe_row[-1] == "0"  # integer path == fake quantization
-    assert f"saved {path}" in out
+    size = os.path.getsize(path)
+    assert f"saved {path}: the served model (qatjax.convert: weight codes and scales, {size:,} " \
+           "bytes)" in out
+    # The served (converted) model, what the table reports: int8 codes and scales, about the
+    # table's bytes (not the float kernels and calibration histograms, 4x that).
+    table_bytes = int(recipe_row[5].replace(",", ""))
+    assert size <= 1.05 * table_bytes
     variables = checkpoint.load(path)
-    assert {"params", "quant_params", "quant_stats"} <= set(variables)
-    assert variables["quant_params"]["dense_0"]["input_scale"].dtype == np.float32
+    assert set(variables) == {"params", "quant_params"}
+    for name in ("dense_0", "dense_1", "head"):
+        assert set(variables["params"][name]) == {"bias"}
+        assert variables["quant_params"][name]["kernel_codes"].dtype == np.int8
+        assert variables["quant_params"][name]["input_scale"].dtype == np.float32
+    # It serves: the integer path on the saved file gives the table's accuracy.
+    digits = cli._load_experiment()
+    recipe = digits.load_recipe(INT8_PTQ)
+    data = digits.load_data(seed=digits.QUICK.seed)
+    out_infer = digits.logits(digits.DigitsMLP(config=recipe.config), variables, data.x_test, "infer")
+    assert f"{100 * digits.evaluate(out_infer, data.y_test).accuracy:.2f}" == recipe_row[1]
 
 
 def test_inspect_prints_the_per_layer_table(saved_run, capsys):
@@ -148,10 +214,22 @@ def test_inspect_prints_the_per_layer_table(saved_run, capsys):
     assert out[0] == f"{path}: 3 quantized layer(s)"
     for col in ("layer", "weights", "w scale min..max", "method", "in scale", "in zp", "saturated"):
         assert col in out[1]
-    rows = {line.split()[0]: line for line in out[3:]}
+    rows = {line.split()[0]: line.split() for line in out[3:]}
     assert set(rows) == {"dense_0", "dense_1", "head"}
-    for line in rows.values():
-        assert "int8 per_channel" in line and "entropy" in line and "%" in line
+    for row in rows.values():
+        assert row[1:3] == ["int8", "per_channel"] and row[4:6] == ["uint8", "entropy"]
+        assert float(row[6]) > 0 and row[7] == "0"  # input scale, zero point
+        assert row[-2:] == ["-", "-"]  # a served model keeps no calibration histograms
+
+
+def test_inspect_refuses_a_corrupted_checkpoint(saved_run, tmp_path, capsys):
+    _, _, path = saved_run
+    data = bytearray(pathlib.Path(path).read_bytes())
+    data[len(data) // 2] ^= 0x10  # in the middle of the weights
+    bad = tmp_path / "bad.msgpack"
+    bad.write_bytes(bytes(data))
+    assert cli.main(["inspect", str(bad)]) == 2
+    _one_line_error(capsys, str(bad), "corrupted", "checksum does not match")
 
 
 def test_inspect_bad_paths_and_files(tmp_path, capsys):

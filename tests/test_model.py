@@ -361,3 +361,99 @@ def _assert_stats_match(got, ref):
         np.testing.assert_allclose(np.asarray(a.hi), np.asarray(b.hi), rtol=1e-6)
         assert int(a.exponent) == int(b.exponent)
         assert int(np.abs(np.asarray(a.counts) - np.asarray(b.counts)).sum()) <= 2
+
+
+class _PlainFloat(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(4, name="head")(nn.relu(nn.Dense(8, name="body")(x)))
+
+
+def test_model_tools_refuse_what_would_do_nothing():
+    x = np.random.RandomState(0).randn(4, 16).astype(np.float32)
+    plain = _PlainFloat()
+    variables = plain.init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match=r"convert: `variables` has no 'params' collection.*"
+                                         r"not variables\['params'\]"):
+        qatjax.convert(variables["params"])
+    for call, name in ((lambda: qatjax.convert(variables), "convert"),
+                       (lambda: qatjax.quant_report(variables), "quant_report"),
+                       (lambda: qatjax.quantize_model_weights(variables), "convert"),
+                       (lambda: qatjax.calibrate(plain, variables, [x]), "calibrate")):
+        with pytest.raises(ValueError, match=name + r": `variables` hold no quantization state"):
+            call()
+    with pytest.raises(TypeError, match="`variables` must be the model's variables dict"):
+        qatjax.convert([variables])
+
+
+def test_variables_of_another_recipe_are_refused_naming_layer_and_both_recipes():
+    x = np.random.RandomState(0).randn(8, 16).astype(np.float32)
+    int8 = QatDense(8, config=QatConfig(activation_observer="minmax", activation_estimator="minmax"))
+    variables = qatjax.calibrate(int8, int8.init(jax.random.key(0), x), [x])
+    converted = qatjax.convert(variables)
+    other = {
+        "uint8": QatConfig(activation_format="uint8", activation_symmetric=False,
+                           activation_observer="minmax", activation_estimator="minmax"),
+        "int4": QatConfig(weight_format="int4", activation_observer="minmax",
+                          activation_estimator="minmax"),
+        "int8 per tensor": QatConfig(weight_granularity="per_tensor", activation_observer="minmax",
+                                     activation_estimator="minmax"),
+    }
+    for name, cfg in other.items():
+        model = QatDense(8, config=cfg)
+        for v in (variables, converted):
+            for mode in ("train", "infer") if v is variables else ("infer",):
+                # Eagerly: a ValueError naming the layer and both recipes.
+                with pytest.raises(ValueError, match=r"QatDense .*another recipe.*stored \{format="
+                                                     r"'(u?int\d)'.*config \{format="):
+                    model.apply(v, x, mode=mode)
+                # Under jit with the variables as arguments: an error at trace time when the
+                # descriptors differ in length, else NaN outputs (never a silent answer).
+                try:
+                    y = jax.jit(lambda v, x, m=mode: model.apply(v, x, mode=m))(v, x)
+                except ValueError as e:
+                    assert "another recipe" in str(e), name
+                else:
+                    assert np.isnan(np.asarray(y)).all(), name
+    # The same recipe still runs, eagerly and under jit.
+    same = QatDense(8, config=QatConfig(activation_observer="minmax", activation_estimator="minmax"))
+    np.testing.assert_array_equal(jax.jit(lambda v: same.apply(v, x, mode="infer"))(converted),
+                                  int8.apply(variables, x, mode="train"))
+
+
+def test_report_measures_each_layers_own_output_error_against_float():
+    class Two(nn.Module):
+        @nn.compact
+        def __call__(self, x, mode=None):
+            cfg = QatConfig(activation_observer="minmax", activation_estimator="minmax",
+                            weight_format="int4")
+            h = QatDense(16, config=cfg, name="a")(x, mode=mode)
+            return QatDense(4, config=cfg, name="b")(jnp.tanh(h), mode=mode)
+
+    x = np.random.RandomState(1).randn(32, 8).astype(np.float32)
+    model = Two()
+    variables, report = qatjax.calibrate_model(model, model.init(jax.random.key(0), x), [x])
+    errors = {r.path: r.output_error for r in report.layers}
+
+    def rel(y, ref):
+        y, ref = np.asarray(y, np.float64), np.asarray(ref, np.float64)
+        return np.linalg.norm(y - ref) / np.linalg.norm(ref)
+
+    # Layer a: its quantized output against its float output on the batch.
+    layer_a = QatDense(16, config=QatConfig(activation_observer="minmax",
+                                            activation_estimator="minmax", weight_format="int4"))
+    va = {c: t["a"] for c, t in variables.items() if "a" in t}
+    ya_f = layer_a.apply(va, x, mode="float")
+    ya_q = layer_a.apply(va, x, mode="infer")
+    assert errors["a"] == pytest.approx(rel(ya_q, ya_f), rel=1e-4)
+    # Layer b gets the *float* model's input, so its error is its own.
+    hb = jnp.tanh(ya_f)
+    vb = {c: t["b"] for c, t in variables.items() if "b" in t}
+    layer_b = QatDense(4, config=layer_a.config)
+    assert errors["b"] == pytest.approx(
+        rel(layer_b.apply(vb, hb, mode="infer"), layer_b.apply(vb, hb, mode="float")), rel=1e-4)
+    assert 0 < errors["b"] < 1 and "out err" in str(report)
+    # Without a model the column is empty; converted variables have no float kernels to compare.
+    assert all(r.output_error is None for r in qatjax.quant_report(variables).layers)
+    with pytest.raises(ValueError, match="output errors need the float kernels"):
+        qatjax.quant_report(qatjax.convert(variables), model, x)

@@ -190,3 +190,24 @@ def test_bad_arguments_and_custom_matmuls_are_clear_errors():
         quantize_model(Custom(), CFG, rules=[("special", "int8")])
     with pytest.raises(ValueError, match="`mode`"):
         quantize_model(Custom(), CFG, mode="training")
+
+
+def test_rules_that_decide_no_module_are_refused_with_the_paths():
+    class Plain(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(4, name="head")(nn.relu(nn.Dense(8, name="body")(x)))
+
+    x = jnp.ones((2, 16))
+    typo = quantize_model(Plain(), QatConfig(activation_scaling="dynamic"), rules=[("haed", None)],
+                          mode="float")
+    with pytest.raises(ValueError, match=r"rule pattern\(s\) \['haed'\] matched no module.*"
+                                         r"'body', 'head'"):
+        typo.init(jax.random.key(0), x)
+    shadowed = quantize_model(Plain(), QatConfig(activation_scaling="dynamic"),
+                              rules=[("b.*|h.*", None), ("head", QatConfig(weight_format="int4"))],
+                              mode="float")
+    with pytest.raises(ValueError, match=r"\['head'\] matched no module"):
+        shadowed.init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match="nothing to quantize"):
+        quantize_model(Plain(), None, rules=[("head", None)])

@@ -33,13 +33,14 @@ from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
 from qatjax.config import QatConfig
-from qatjax.flax.layers import (_FINALIZE, MODES, QatConv, QatDense, QatDenseGeneral, QatEinsum, _dn,
-                                _forced_mode)
+from qatjax.flax.layers import (_COMPARE, _FINALIZE, MODES, QatConv, QatDense, QatDenseGeneral,
+                                QatEinsum, _dn, _forced_mode)
 from qatjax.integer import canonical_dims
 from qatjax.qdot import (ConvSpec, DotSpec, einsum_dimension_numbers, quantized_dot,
                          quantized_dot_general, quantized_einsum)
@@ -68,6 +69,18 @@ _PATCHED = {"dot_general": "_intercepted_dot_general", "einsum": "_intercepted_e
 
 
 @dataclasses.dataclass
+class _CallRecord:
+    """What one top-level call of a quantized model met: the module paths, and the indices of
+    the rules that decided one of them (see :func:`_check_rules`)."""
+    paths: list[str] = dataclasses.field(default_factory=list)
+    decided: set[int] = dataclasses.field(default_factory=set)
+
+
+_record: contextvars.ContextVar["_CallRecord | None"] = contextvars.ContextVar(
+    "qatjax_rules_record", default=None)
+
+
+@dataclasses.dataclass
 class _Frame:
     module: nn.Module
     config: QatConfig
@@ -84,8 +97,13 @@ class _Interceptor:
     axis_name: str | None
 
     def config_for(self, path: str) -> QatConfig | None:
-        for pattern, cfg in self.rules:
+        record = _record.get()
+        if record is not None:
+            record.paths.append(path)
+        for i, (pattern, cfg) in enumerate(self.rules):
             if re.fullmatch(pattern, path):
+                if record is not None:
+                    record.decided.add(i)
                 return cfg
         return self.config
 
@@ -271,10 +289,23 @@ def _quantized_call(frame: _Frame, op: str, lhs, rhs, contracting, float_call, c
                 syms.append(act.symmetric)
         group = (cfg.weight_group_size if cfg.weight_granularity == "per_group" and roles[1] == "weight"
                  else None)
-        spec = DotSpec(fmts[0], fmts[1], syms[0], syms[1], ste=cfg.ste, group_size=group)
-        return contract(spec, qps[0], qps[1])
+        spec = DotSpec(fmts[0], fmts[1], syms[0], syms[1], ste=cfg.ste, group_size=group,
+                       w_is_activation=roles[1] == "activation")
+        y = contract(spec, qps[0], qps[1])
+        if mode != _COMPARE:
+            return y
+        y_float = float_call()
+        module.sow("quant_report", f"{name}_output_error", relative_error(y, y_float))
+        return y_float
     finally:
         _frame.reset(token)
+
+
+def relative_error(y: jax.Array, reference: jax.Array) -> jax.Array:
+    """``||y - reference||_2 / ||reference||_2`` in float32 (a scalar)."""
+    y, reference = jnp.asarray(y, jnp.float32), jnp.asarray(reference, jnp.float32)
+    norm = jnp.sqrt(jnp.sum(reference ** 2))
+    return jnp.sqrt(jnp.sum((y - reference) ** 2)) / jnp.maximum(norm, jnp.finfo(jnp.float32).tiny)
 
 
 def _activation_qparams(frame: _Frame, act, name: str, a, contracting) -> QParams:
@@ -300,7 +331,8 @@ def quantize_model(model: nn.Module, config: QatConfig | None = QatConfig(), *,
       rules: ``(pattern, config)`` pairs tried in order; ``pattern`` is a regular
         expression matched in full against the layer's path (``"block0/up"``, the
         ``/``-joined module names of its variables); the first match decides, and a
-        ``None`` config keeps that layer float.
+        ``None`` config keeps that layer float. A rule that decides no module of a call
+        (a typo, or shadowed by an earlier rule) raises a ValueError listing the paths.
       mode: default mode of the swapped layers (``"float"``, ``"calibrate"``,
         ``"train"``, ``"infer"``); ``None`` (default): give one per apply with
         :func:`qatjax.flax.quant_mode`.
@@ -310,9 +342,13 @@ def quantize_model(model: nn.Module, config: QatConfig | None = QatConfig(), *,
     Returns:
       The quantized model: same parameters, plus the layers' quantization collections.
     Raises:
-      ValueError: a matched layer computes with a custom ``dot_general`` /
-        ``conv_general_dilated`` (which quantization would replace).
+      ValueError: nothing to quantize (``config`` None and no rules); when the model runs, a
+        rule that decides no module, or a matched layer that computes with a custom
+        ``dot_general`` / ``conv_general_dilated`` (which quantization would replace).
     """
+    if config is None and not any(cfg is not None for _, cfg in rules):
+        raise ValueError("quantize_model: nothing to quantize: `config` is None and no rule gives "
+                         "a QatConfig.")
     for pattern, cfg in rules:
         re.compile(pattern)
         if cfg is not None and not isinstance(cfg, QatConfig):
@@ -342,18 +378,38 @@ def _intercepted(method, interceptor: _Interceptor):
         patched = lax.dot_general is _intercepted_dot_general
         if not patched:  # route the primitives through the frames while the model runs
             _patch(True)
+        outermost = _record.get() is None
+        record_token = _record.set(_CallRecord()) if outermost else None
         try:
             with nn.intercept_methods(interceptor):
                 # The model's own method: its direct contractions follow the root's rule.
                 root_cfg = interceptor.config_for("")
                 frame = None if root_cfg is None else _Frame(self, root_cfg, interceptor.mode,
                                                               interceptor.axis_name)
-                return _within(frame, method, (self,) + args, kwargs)
+                out = _within(frame, method, (self,) + args, kwargs)
+            if outermost:
+                _check_rules(interceptor.rules, _record.get())
+            return out
         finally:
+            if outermost:
+                _record.reset(record_token)
             if not patched:
                 _patch(False)
 
     return run
+
+
+def _check_rules(rules: tuple[tuple[str, QatConfig | None], ...], record: _CallRecord) -> None:
+    """Refuses rules that decided no module of the call: a typo (``"haed"``) or a rule that
+    an earlier one shadows would otherwise leave the model quantized another way, silently."""
+    unused = [pattern for i, (pattern, _) in enumerate(rules) if i not in record.decided]
+    if unused:
+        paths = sorted(set(p for p in record.paths if p))
+        shown = ", ".join(repr(p) for p in paths[:40]) + (", ..." if len(paths) > 40 else "")
+        raise ValueError(
+            f"quantize_model: rule pattern(s) {unused} matched no module of this call (each "
+            "rule must be the first full match, re.fullmatch, of at least one module path); "
+            f"the module paths are: {shown or '(none)'}.")
 
 
 def _patch(on: bool) -> None:

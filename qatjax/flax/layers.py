@@ -7,8 +7,9 @@ Same attributes and parameter names (``kernel``, ``bias``) as the Flax layers, s
 float checkpoint loads unchanged, plus ``config`` (a :class:`~qatjax.QatConfig`),
 ``mode`` and ``axis_name``.
 
-Modes, chosen per call (``layer(x, mode=...)``, the ``mode`` attribute, or
-:func:`quant_mode` around a traced function, in decreasing precedence):
+Modes, in decreasing precedence: :func:`quant_mode` around a traced function (it
+overrides everything, so a whole model switches at once), the call's ``mode=``
+argument, the ``mode`` attribute:
 
 * ``"float"``: exactly the Flax layer.
 * ``"calibrate"``: float output; the activation observer in ``quant_stats`` sees the
@@ -19,6 +20,13 @@ Modes, chosen per call (``layer(x, mode=...)``, the ``mode`` attribute, or
 * ``"infer"``: the integer serving path, on stored codes when the variables were
   converted (:func:`qatjax.convert`), else on codes computed from the float kernel.
   Its output equals train mode's bit for bit.
+
+In train and infer modes, outputs that read a NaN or infinity of the input are NaN, as
+in float mode (activation scales come from the finite values only, so the rest of the
+batch is unaffected); calibration observers skip and count non-finite values. Variables
+calibrated, trained or converted with another recipe than ``config`` (their
+``kernel_spec`` / ``input_spec`` / ``fp8_spec``) are refused: a ValueError naming the
+layer and both recipes, or, under ``jit`` with descriptors of the same length, NaN outputs.
 
 Variables:
 
@@ -60,6 +68,8 @@ __all__ = ["QatDense", "QatDenseGeneral", "QatConv", "QatEinsum", "MODES", "quan
 MODES = ("float", "calibrate", "train", "infer")
 # Internal: the pass of qatjax.calibrate that turns statistics into quant_params.
 _FINALIZE = "finalize"
+# Internal: the pass of qatjax.quant_report that measures each contraction's output error.
+_COMPARE = "compare"
 
 _forced_mode: contextvars.ContextVar[str | None] = contextvars.ContextVar("qatjax_mode", default=None)
 
@@ -72,7 +82,7 @@ def quant_mode(mode: str) -> Iterator[None]:
     jitted): it acts at trace time, so a function traced outside the block keeps
     the mode it was traced with.
     """
-    if mode not in MODES + (_FINALIZE,):
+    if mode not in MODES + (_FINALIZE, _COMPARE):
         raise ValueError(f"quant_mode: `mode` must be one of {MODES}, got {mode!r}.")
     token = _forced_mode.set(mode)
     try:
@@ -349,7 +359,48 @@ class _QuantLayer:
     def _quantized_forward(self, x: jax.Array, kernel: jax.Array | None, mode: str,
                            spec: DotSpec) -> jax.Array:
         """Output of train / infer mode in float32, before bias: the one quantized contraction
-        of :mod:`qatjax.qdot` on the weight path's codes (stored ones once converted)."""
+        of :mod:`qatjax.qdot` on the weight path's codes (stored ones once converted), NaN if
+        the stored recipe differs from the config (see :meth:`_stored_recipe_differs`)."""
+        differs = self._stored_recipe_differs()
+        y = self._contraction(x, kernel, mode, spec)
+        return y if differs is None else jnp.where(differs, jnp.nan, y)
+
+    def _stored_recipe_differs(self) -> jax.Array | None:
+        """Checks the recipe descriptors in the variables (``quant_params/kernel_spec``,
+        ``input_spec``, ``fp8_spec``) against the config: variables calibrated, trained or
+        converted with one recipe give wrong results under another.
+
+        Concrete descriptors (eager applies, the model tools) that differ raise a ValueError
+        naming the layer and both recipes; so do traced ones of another length. Traced ones
+        of the same length (``jit`` with the variables as arguments) are compared on the
+        device: returns that traced bool (the layer's outputs are then NaN), or None when
+        everything was checked here.
+        """
+        expected = specs.describe_numpy(self.config)
+        on_device = []
+        for name in ("kernel_spec", "input_spec", "fp8_spec"):
+            if not self.has_variable("quant_params", name):
+                continue
+            stored = self._read("quant_params", name)
+            if not isinstance(stored, jax.core.Tracer):
+                problem = specs.recipe_mismatch(name, stored, self.config)
+            elif stored.dtype != jnp.uint8:  # descriptors of version 0, checked when concrete
+                continue
+            elif stored.shape[-1:] != expected[name].shape:
+                problem = f"stored {stored.shape[-1]} bytes, config {specs.config_recipe_text(self.config, name)}"
+            else:
+                on_device.append(jnp.any(stored != expected[name]))
+                continue
+            if problem is not None:
+                raise ValueError(
+                    f"{type(self).__name__} {self.path_str()}: the variables were made with another "
+                    f"recipe than this model's config ({name}: {problem}). Build the model with "
+                    "the QatConfig the variables were calibrated / trained / converted with, or "
+                    "recalibrate them with qatjax.calibrate.")
+        return jnp.any(jnp.stack(on_device)) if on_device else None
+
+    def _contraction(self, x: jax.Array, kernel: jax.Array | None, mode: str,
+                     spec: DotSpec) -> jax.Array:
         if self.config.fp8_scaling is not None:
             return self._fp8_recipe_forward(x, kernel, mode)
         x_qp = self._input_qparams(x, mode, contracting_axes(spec, x.ndim, "lhs"))

@@ -23,7 +23,8 @@ import numpy as np
 from qatjax.fake_quant import used_zero_point
 from qatjax.fp8 import Fp8Quantizer
 from qatjax.flax import specs
-from qatjax.flax.layers import _FINALIZE, quant_mode
+from qatjax.flax.intercept import relative_error
+from qatjax.flax.layers import _COMPARE, _FINALIZE, _QuantLayer, quant_mode
 from qatjax.packing import pack_nibbles, unpack_nibbles
 from qatjax.qdot import (ConvSpec, DotSpec, contracting_axes, decode_weight, encode_weight,
                          from_serving)
@@ -81,6 +82,9 @@ def calibrate(
       apply_kwargs: extra keyword arguments for ``model.apply`` (e.g. ``train=False``).
     Returns:
       A new variables dict with ``quant_stats`` and ``quant_params`` (and LSQ ``params``).
+    Raises:
+      ValueError: if ``batches`` is empty, a layer observed no finite value, or the model
+        has no quantization state to calibrate (no qatjax layers; dynamic scales only).
     """
     kwargs = dict(apply_kwargs or {})
     variables = dict(variables)
@@ -98,7 +102,9 @@ def calibrate(
         variables["quant_stats"] = step(variables, last).get("quant_stats", {})
     if last is None:
         raise ValueError("calibrate: `batches` yielded no batch.")
-    return finalize(model, variables, last, apply_kwargs=kwargs)
+    calibrated = finalize(model, variables, last, apply_kwargs=kwargs)
+    _check_quantized(calibrated, "calibrate")
+    return calibrated
 
 
 def finalize(model: nn.Module, variables: Variables, sample: Any, *,
@@ -210,6 +216,7 @@ class LayerReport:
     input_amax: float | None
     saturation: float | None
     nonfinite_skipped: int | None
+    output_error: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,15 +227,16 @@ class CalibrationReport:
 
     def __str__(self) -> str:
         head = ("layer", "weights", "w scale min..max", "input", "method", "in scale", "in zp",
-                "in range", "saturated", "non-finite")
+                "in range", "saturated", "non-finite", "out err")
         rows = [head]
         fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
         for r in self.layers:
             rows.append((
                 r.path, f"{r.weight_format} {r.weight_granularity}",
-                f"{r.weight_scale_min:.3g}..{r.weight_scale_max:.3g}", r.input_format, r.method,
+                "-" if np.isnan(r.weight_scale_min) else f"{r.weight_scale_min:.3g}..{r.weight_scale_max:.3g}",
+                r.input_format, r.method,
                 fmt(r.input_scale, ".4g"), fmt(r.input_zero_point, "d"), fmt(r.input_amax, ".4g"),
-                fmt(r.saturation, ".3%"), fmt(r.nonfinite_skipped, "d")))
+                fmt(r.saturation, ".3%"), fmt(r.nonfinite_skipped, "d"), fmt(r.output_error, ".3%")))
         widths = [max(len(str(row[i])) for row in rows) for i in range(len(head))]
         lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
@@ -245,6 +253,24 @@ def _layers(variables: Variables) -> Iterable[tuple[tuple[str, ...], Mapping[str
                 if isinstance(v, Mapping):
                     yield from walk(v, path + (k,))
     yield from walk(variables.get("quant_params", {}), ())
+
+
+def _check_quantized(variables: Any, fn: str) -> None:
+    """Refuses what would make a model tool do nothing silently: a bare ``params`` tree, or
+    variables without any quantization state (no qatjax layer ran on them)."""
+    if not isinstance(variables, Mapping):
+        raise TypeError(f"{fn}: `variables` must be the model's variables dict, got "
+                        f"{type(variables).__name__}.")
+    if "params" not in variables:
+        raise ValueError(
+            f"{fn}: `variables` has no 'params' collection (its keys: {sorted(map(str, variables))}); "
+            "pass the whole variables dict (model.init / qatjax.calibrate), not variables['params'].")
+    if not variables.get("quant_params") and not variables.get("quant_stats"):
+        raise ValueError(
+            f"{fn}: `variables` hold no quantization state (no 'quant_params' or 'quant_stats'): "
+            "the model has no qatjax layers (QatDense, QatConv, ... or qatjax.flax.quantize_model), "
+            "or the variables come from the float model; initialise the quantized model and "
+            "calibrate it first.")
 
 
 def _get(tree: Any, path: tuple[str, ...]) -> Any:
@@ -402,18 +428,81 @@ def _saturation(state: Any, lo: float, hi: float, signed: bool) -> tuple[float |
     return float(counts[outside].sum() / total), nonfinite
 
 
-def quant_report(variables: Variables) -> CalibrationReport:
-    """The per-layer table from variables alone (calibrated, trained or converted).
+def quant_report(variables: Variables, model: nn.Module | None = None, sample: Any = None, *,
+                 apply_kwargs: Mapping[str, Any] | None = None) -> CalibrationReport:
+    """The per-layer table of a model's quantization (calibrated, trained or converted).
 
-    Saturation is the fraction of the activation histogram's mass above the chosen
-    range (histogram observers only).
+    From the variables alone: formats, weight scales, the activation range and
+    saturation, the fraction of the activation histogram's mass outside that range
+    (histogram observers only). With ``model`` and a ``sample`` batch (a tuple is
+    unpacked), also each quantized contraction's *output error*,
+    ``||y_q - y_f||_2 / ||y_f||_2`` on that batch: every layer gets the float model's
+    input and its quantized output (infer mode) is compared with its float output, so the
+    error is the layer's own, not the sum of the errors upstream. Contractions that
+    :func:`qatjax.flax.quantize_model` intercepts inside other modules (attention's
+    einsums) get rows of their own (``module/einsum0``). A low saturation rate does not
+    mean a small error (clipped outliers can matter); the output error measures it.
     """
+    _check_quantized(variables, "quant_report")
+    errors = {} if model is None else _output_errors(model, variables, sample, apply_kwargs)
     rows = []
     for path, _ in _layers(variables):
         for idx, layer in _slices(_layer(variables, path)):
             label = "/".join(path) + (f"[{','.join(map(str, idx))}]" if idx else "")
-            rows.append(_layer_report(label, layer))
+            rows.append(dataclasses.replace(_layer_report(label, layer),
+                                            output_error=errors.pop(label, None)))
+    for label, error in errors.items():  # intercepted contractions: no weights of their own
+        rows.append(LayerReport(label, "-", "", float("nan"), float("nan"), "-", "-", None, None,
+                                None, None, None, error))
     return CalibrationReport(tuple(rows))
+
+
+def _output_errors(model: nn.Module, variables: Variables, sample: Any,
+                   apply_kwargs: Mapping[str, Any] | None) -> dict[str, float]:
+    """``{layer or contraction path: output error}`` on ``sample`` (see :func:`quant_report`)."""
+    if sample is None:
+        raise ValueError("quant_report: `model` needs a `sample` batch to measure output errors.")
+
+    if any("kernel_codes" in qp for _, qp in _layers(variables)):
+        raise ValueError("quant_report: output errors need the float kernels; pass the variables "
+                         "before qatjax.convert (or no `model`).")
+
+    in_float_copy = [False]
+
+    def compare(next_fun, args, kwargs, context):
+        module = context.module
+        if (in_float_copy[0] or not isinstance(module, _QuantLayer)
+                or context.method_name != "__call__"):
+            return next_fun(*args, **kwargs)
+        with quant_mode("infer"):
+            y = next_fun(*args, **kwargs)
+        in_float_copy[0] = True
+        try:
+            with quant_mode("float"):  # the same layer, unbound, on the same input
+                y_float = module.clone(parent=None).apply(module.variables, *args, **kwargs)
+        finally:
+            in_float_copy[0] = False
+        module.sow("quant_report", "output_error", relative_error(y, y_float))
+        return y_float
+
+    @jax.jit
+    def run(v, args):
+        with quant_mode(_COMPARE), nn.intercept_methods(compare):
+            _, state = model.apply(v, *args, mutable=["quant_report"], **dict(apply_kwargs or {}))
+        return state.get("quant_report", {})
+
+    errors = {}
+
+    def walk(tree, path):
+        for key, value in tree.items():
+            if isinstance(value, Mapping):
+                walk(value, path + (key,))
+            else:  # sown values: a tuple of one error per call (shared layers are called more)
+                where = path + ((key[:-len("_output_error")],) if key != "output_error" else ())
+                errors["/".join(where)] = float(np.max(np.asarray(jnp.stack(value))))
+
+    walk(flax.core.unfreeze(run(dict(variables), _as_args(sample))), ())
+    return errors
 
 
 def _layer_report(label: str, layer: Mapping[str, Mapping[str, Any]]) -> LayerReport:
@@ -449,9 +538,18 @@ def _layer_report(label: str, layer: Mapping[str, Mapping[str, Any]]) -> LayerRe
 
 def calibrate_model(model: nn.Module, variables: Variables, batches: Iterable[Any],
                     **kwargs: Any) -> tuple[dict, CalibrationReport]:
-    """:func:`calibrate`, then :func:`quant_report`: ``(variables, report)``."""
-    variables = calibrate(model, variables, batches, **kwargs)
-    return variables, quant_report(variables)
+    """:func:`calibrate`, then :func:`quant_report` with each layer's output error on the
+    last calibration batch: ``(variables, report)``."""
+    seen = []
+
+    def remember(it):
+        for batch in it:
+            seen[:] = [batch]
+            yield batch
+
+    variables = calibrate(model, variables, remember(batches), **kwargs)
+    return variables, quant_report(variables, model, seen[0],
+                                   apply_kwargs=kwargs.get("apply_kwargs"))
 
 
 def convert(variables: Variables) -> dict:
@@ -467,8 +565,10 @@ def convert(variables: Variables) -> dict:
     is dropped; the input is not modified.
 
     Raises:
-      ValueError: if a layer with static activation scaling was never calibrated.
+      ValueError: if a layer with static activation scaling was never calibrated, if
+        ``variables`` is a bare ``params`` tree, or if it holds no quantization state.
     """
+    _check_quantized(variables, "convert")
     out = jax.tree_util.tree_map(lambda a: a, flax.core.unfreeze(dict(variables)))
     out.pop("quant_stats", None)
     for path, qp_tree in list(_layers(variables)):

@@ -51,12 +51,15 @@ from qatjax.formats import Format, format_from_code, format_from_name
 
 __all__ = [
     "describe",
+    "describe_numpy",
     "describe_dense_general",
     "parse_kernel_spec",
     "parse_input_spec",
     "parse_fp8_spec",
     "stack_shape",
     "parse_dense_general_spec",
+    "recipe_mismatch",
+    "config_recipe_text",
     "INPUT_SCALINGS",
     "FP8_SPEC_SCALINGS",
     "SPEC_VERSION",
@@ -120,8 +123,12 @@ _describe_bytes_cached = functools.lru_cache(maxsize=256)(_describe_bytes_uncach
 def describe(cfg: QatConfig) -> dict[str, jax.Array]:
     """The layer's descriptors ``kernel_spec``, ``input_spec`` and ``fp8_spec``: uint8
     arrays of named JSON documents (see the module docstring)."""
-    return {name: jnp.asarray(np.frombuffer(data, np.uint8))
-            for name, data in _describe_bytes(cfg)}
+    return {name: jnp.asarray(a) for name, a in describe_numpy(cfg).items()}
+
+
+def describe_numpy(cfg: QatConfig) -> dict[str, np.ndarray]:
+    """:func:`describe` as numpy arrays (constants, also under a trace)."""
+    return {name: np.frombuffer(data, np.uint8) for name, data in _describe_bytes(cfg)}
 
 
 def describe_dense_general(n_in: int, kernel_shape) -> jax.Array:
@@ -228,3 +235,34 @@ def _input_scaling(cfg: QatConfig) -> str:
     if cfg.activation_scaling == "static" and cfg.fp8_scaling is None:
         return "static"
     return "dynamic per token" if cfg.activation_granularity == "per_token" else "dynamic"
+
+
+_RECIPE_PARSERS = {"kernel_spec": parse_kernel_spec, "input_spec": parse_input_spec,
+                   "fp8_spec": parse_fp8_spec}
+
+
+def _recipe_text(name: str, parsed: tuple) -> str:
+    fields = {"kernel_spec": ("format", "granularity", "group_size", "symmetric"),
+              "input_spec": ("format", "symmetric", "scaling", "estimator"),
+              "fp8_spec": ("scaling", "margin")}[name]
+    shown = (v.name if isinstance(v, Format) else v for v in parsed)
+    return "{" + ", ".join(f"{k}={v!r}" for k, v in zip(fields, shown)) + "}"
+
+
+def recipe_mismatch(name: str, stored, cfg: QatConfig) -> str | None:
+    """Compares a concrete stored recipe descriptor (``"kernel_spec"``, ``"input_spec"`` or
+    ``"fp8_spec"``; named or int32, stacked or not) with the one ``cfg`` describes.
+
+    Returns:
+      None when they describe the same recipe, else ``"stored {...}, config {...}"``.
+    """
+    parse = _RECIPE_PARSERS[name]
+    saved, wanted = parse(stored), parse(describe_numpy(cfg)[name])
+    if saved == wanted:
+        return None
+    return f"stored {_recipe_text(name, saved)}, config {_recipe_text(name, wanted)}"
+
+
+def config_recipe_text(cfg: QatConfig, name: str) -> str:
+    """The ``name`` descriptor of ``cfg`` as readable text (``{format='int8', ...}``)."""
+    return _recipe_text(name, _RECIPE_PARSERS[name](describe_numpy(cfg)[name]))
