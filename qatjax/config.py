@@ -55,7 +55,15 @@ class QatConfig:
         activations; QatDense only).
       activation_observer: ``"minmax"``, ``"moving_average_minmax"`` or ``"histogram"``.
       activation_estimator: ``"minmax"``, ``"percentile"``, ``"entropy"`` or ``"mse"``
-        (the last three need the histogram observer).
+        (the last three need the histogram observer). The default, ``"mse"``, held on
+        both models measured (``benchmarks/bench_minilm_recipes.py``): every estimator
+        ties on the digits MLP, while on MiniLM-L6 (W8A8, all Dense layers and attention
+        einsums) the mean cosine to float is 0.986 for mse, 0.988 percentile, 0.984
+        minmax and 0.957 entropy, which clips the outlier features of the residual
+        stream. mse minimises the quantization error itself, so unlike a fixed
+        percentile it does not depend on the calibration set's size. Where the runtime
+        allows it, dynamic per-token activations (``activation_scaling="dynamic"``,
+        ``activation_granularity="per_token"``) are better still on transformers: 0.997.
       percentile: the percentile used by the ``"percentile"`` estimator.
       num_bins: histogram bins.
       ema_momentum: momentum of the moving-average observer (torch's ``averaging_constant``).
@@ -91,7 +99,7 @@ class QatConfig:
     activation_scaling: str = "static"
     activation_granularity: str = "per_tensor"
     activation_observer: str = "histogram"
-    activation_estimator: str = "entropy"
+    activation_estimator: str = "mse"
     percentile: float = 99.99
     num_bins: int = 2048
     ema_momentum: float = 0.01

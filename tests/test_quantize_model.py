@@ -211,3 +211,28 @@ def test_rules_that_decide_no_module_are_refused_with_the_paths():
         shadowed.init(jax.random.key(0), x)
     with pytest.raises(ValueError, match="nothing to quantize"):
         quantize_model(Plain(), None, rules=[("head", None)])
+
+
+def test_intercepted_einsums_run_float_on_a_float_checkpoint_and_are_reported():
+    class Attn(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            q = nn.Dense(8, name="q")(x)
+            return jnp.einsum("btd,bsd->bts", q, x)
+
+    x = jax.random.normal(jax.random.key(1), (2, 4, 8))
+    params = Attn().init(jax.random.key(0), x)["params"]
+    model = quantize_model(Attn(), QatConfig(activation_observer="minmax",
+                                             activation_estimator="minmax"))
+    with quant_mode("float"):  # static activations, a float checkpoint: exactly the float model
+        np.testing.assert_array_equal(model.apply({"params": params}, x),
+                                      Attn().apply({"params": params}, x))
+    variables, report = qatjax.calibrate_model(model, {"params": params}, [x])
+    rows = {r.path: r for r in report.layers}
+    assert set(rows) == {"q", "einsum0 lhs", "einsum0 rhs"}
+    q = nn.Dense(8).apply({"params": params["q"]}, x)
+    for side, operand in (("lhs", q), ("rhs", x)):
+        row = rows[f"einsum0 {side}"]
+        assert row.input_format == "int8" and row.method == "minmax"
+        assert row.input_scale == pytest.approx(float(jnp.abs(operand).max()) / 127, rel=1e-6)
+        assert 0 < row.output_error < 0.05

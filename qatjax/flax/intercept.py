@@ -39,6 +39,7 @@ import numpy as np
 from jax import lax
 
 from qatjax.config import QatConfig
+from qatjax.flax import specs
 from qatjax.flax.layers import (_COMPARE, _FINALIZE, MODES, QatConv, QatDense, QatDenseGeneral,
                                 QatEinsum, _dn, _forced_mode)
 from qatjax.integer import canonical_dims
@@ -264,8 +265,11 @@ def _quantized_call(frame: _Frame, op: str, lhs, rhs, contracting, float_call, c
     token = _frame.set(None)  # nothing below is intercepted
     try:
         if module.is_initializing() or mode in ("float", "calibrate", _FINALIZE):
+            # Float mode runs on a float checkpoint too: statistics only where they can exist.
+            keeps_stats = mode != "float" or module.is_initializing() or module.is_mutable_collection(
+                "quant_stats") or module.has_variable("quant_stats", f"{name}_lhs")
             for side, a, role in (("lhs", lhs, roles[0]), ("rhs", rhs, roles[1])):
-                if role == "activation" and act is not None and act.static:
+                if role == "activation" and act is not None and act.static and keeps_stats:
                     stats = module.variable("quant_stats", f"{name}_{side}", act.init)
                     if mode == "calibrate":
                         stats.value = act.observe(stats.value, a, frame.axis_name)
@@ -273,6 +277,9 @@ def _quantized_call(frame: _Frame, op: str, lhs, rhs, contracting, float_call, c
                         qp = act.finalize(stats.value)
                         module.put_variable("quant_params", f"{name}_{side}_scale", qp.scale)
                         module.put_variable("quant_params", f"{name}_{side}_zero_point", qp.zero_point)
+                        # The recipe by name, for the tools (quant_report's rows of this op).
+                        module.put_variable("quant_params", f"{name}_input_spec",
+                                            specs.describe(cfg)["input_spec"])
             return float_call()
         qps, fmts, syms = [], [], []
         for side, a, role, axes in zip(("lhs", "rhs"), (lhs, rhs), roles, contracting):

@@ -440,7 +440,8 @@ def quant_report(variables: Variables, model: nn.Module | None = None, sample: A
     input and its quantized output (infer mode) is compared with its float output, so the
     error is the layer's own, not the sum of the errors upstream. Contractions that
     :func:`qatjax.flax.quantize_model` intercepts inside other modules (attention's
-    einsums) get rows of their own (``module/einsum0``). A low saturation rate does not
+    einsums) get rows of their own: ``module/einsum0 lhs`` / ``rhs`` for calibrated operands,
+    ``module/einsum0`` for dynamic ones. A low saturation rate does not
     mean a small error (clipped outliers can matter); the output error measures it.
     """
     _check_quantized(variables, "quant_report")
@@ -451,10 +452,56 @@ def quant_report(variables: Variables, model: nn.Module | None = None, sample: A
             label = "/".join(path) + (f"[{','.join(map(str, idx))}]" if idx else "")
             rows.append(dataclasses.replace(_layer_report(label, layer),
                                             output_error=errors.pop(label, None)))
-    for label, error in errors.items():  # intercepted contractions: no weights of their own
+    reported = set()
+    for label, row in _intercepted_rows(variables):
+        op = label.rsplit(" ", 1)[0]
+        reported.add(op)
+        rows.append(dataclasses.replace(row, output_error=errors.get(op)))
+    for label, error in errors.items():  # intercepted contractions with dynamic scales
+        if label in reported:
+            continue
         rows.append(LayerReport(label, "-", "", float("nan"), float("nan"), "-", "-", None, None,
                                 None, None, None, error))
     return CalibrationReport(tuple(rows))
+
+
+def _input_range(in_fmt, scale, zp) -> tuple[float, float]:
+    """The real range ``[lo, hi]`` the activation codes cover."""
+    shift = 0 if zp is None else float(np.round(zp))
+    return (float(in_fmt.qmin) - shift) * float(scale), (float(in_fmt.qmax) - shift) * float(scale)
+
+
+def _input_row(label: str, in_fmt, in_sym: bool, method: str, scale, zp, stats) -> LayerReport:
+    """A report row of one calibrated activation operand (no weights)."""
+    lo, hi = _input_range(in_fmt, scale, zp)
+    sat = nonfinite = None
+    if stats is not None:
+        sat, nonfinite = _saturation(stats, lo, hi, signed=not in_sym)
+    return LayerReport(label, "-", "", float("nan"), float("nan"), in_fmt.name, method,
+                       float(scale), None if zp is None else int(np.round(zp)),
+                       max(abs(lo), abs(hi)), sat, nonfinite)
+
+
+def _intercepted_rows(variables: Variables) -> Iterable[tuple[str, LayerReport]]:
+    """Rows of the activation operands of contractions that quantize_model intercepts
+    (``quant_params/<module>/{op}{i}_input_spec`` and ``_{lhs,rhs}_scale``), labelled
+    ``"<module>/{op}{i} lhs"``."""
+    def walk(tree, path):
+        for key, value in tree.items():
+            if isinstance(value, Mapping):
+                yield from walk(value, path + (key,))
+            elif key.endswith("_input_spec"):
+                op = key[:-len("_input_spec")]
+                in_fmt, in_sym, _, method = specs.parse_input_spec(value)
+                stats = _get(variables.get("quant_stats", {}), path) or {}
+                for side in ("lhs", "rhs"):
+                    if f"{op}_{side}_scale" in tree:
+                        label = "/".join(path + (op,)) + f" {side}"
+                        yield label, _input_row(label, in_fmt, in_sym, method,
+                                                tree[f"{op}_{side}_scale"],
+                                                tree.get(f"{op}_{side}_zero_point"),
+                                                stats.get(f"{op}_{side}"))
+    yield from walk(variables.get("quant_params", {}), ())
 
 
 def _output_errors(model: nn.Module, variables: Variables, sample: Any,
@@ -519,8 +566,7 @@ def _layer_report(label: str, layer: Mapping[str, Mapping[str, Any]]) -> LayerRe
     zp = qp_tree.get("input_zero_point", layer_params.get("input_zero_point"))
     amax = sat = nonfinite = None
     if scale is not None and in_fmt is not None:
-        lo = (float(in_fmt.qmin) - (0 if zp is None else float(np.round(zp)))) * float(scale)
-        hi = (float(in_fmt.qmax) - (0 if zp is None else float(np.round(zp)))) * float(scale)
+        lo, hi = _input_range(in_fmt, scale, zp)
         amax = max(abs(lo), abs(hi))
         if "input" in stats:
             sat, nonfinite = _saturation(stats["input"], lo, hi, signed=not in_sym)
