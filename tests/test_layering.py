@@ -48,7 +48,7 @@ LAYERS = {
     "qatjax.config": 8,       # QatConfig
     # Front ends.
     "qatjax.flax": 9,         # linen layers, interception, specs and model tools
-    "qatjax.nnx": 9,          # (planned)
+    "qatjax.nnx": 9,          # NNX drop-ins and model tools (over the linen layers and tools)
     # Tools and the public API.
     "qatjax.checkpoint": 10,
     "qatjax": 11,             # the package __init__: re-exports the public API
@@ -66,7 +66,7 @@ CORE_FLAX_EXCEPTIONS: set[tuple[str, str]] = set()
 OPTIONAL = ("optax", "matplotlib", "sklearn", "tqdm")
 
 # What examples/ may import from qatjax: the package and its public subpackages.
-PUBLIC = ("qatjax", "qatjax.flax", "qatjax.calibration", "qatjax.checkpoint")
+PUBLIC = ("qatjax", "qatjax.flax", "qatjax.nnx", "qatjax.calibration", "qatjax.checkpoint")
 
 
 # ----------------------------------------------------------------------------- parsing

@@ -446,6 +446,14 @@ def quant_report(variables: Variables, model: nn.Module | None = None, sample: A
     """
     _check_quantized(variables, "quant_report")
     errors = {} if model is None else _output_errors(model, variables, sample, apply_kwargs)
+    return report_with_errors(variables, errors)
+
+
+def report_with_errors(variables: Variables, errors: Mapping[str, float]) -> CalibrationReport:
+    """:func:`quant_report`'s table with output errors measured elsewhere (by the NNX front
+    end): ``errors`` maps a layer's or an intercepted contraction's path to its error."""
+    _check_quantized(variables, "quant_report")
+    errors = dict(errors)
     rows = []
     for path, _ in _layers(variables):
         for idx, layer in _slices(_layer(variables, path)):

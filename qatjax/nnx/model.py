@@ -1,0 +1,253 @@
+"""Model tools on NNX models: quantize an unmodified model in place, calibrate, report,
+convert for serving, export.
+
+The tools work in place on the model (NNX style). Each one views the model's variables as
+the linen front end's collections (:func:`collections`: ``{"params": ..., "quant_params":
+..., "quant_stats": ..., "fp8_meta": ...}``, nested by module path, list indices as
+strings) and calls the linen tools of :mod:`qatjax.flax.model` on them: one implementation
+of convert, the report and export under both front ends.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from flax import nnx
+
+from qatjax.config import QatConfig
+from qatjax.flax import model as linen_model
+from qatjax.flax.layers import _COMPARE, _FINALIZE, MODES, quant_mode
+from qatjax.nnx.layers import (VARIABLE_TYPES, QatConv, QatEinsum, QatLinear, QatLinearGeneral,
+                               _LinenBacked)
+
+__all__ = ["quantize_model", "calibrate", "quant_report", "convert", "quantize_model_weights",
+           "collections", "quantized_layers"]
+
+Rules = Sequence[tuple[str, QatConfig | None]]
+
+# The NNX layer class -> its qatjax drop-in.
+_TWINS = {nnx.Linear: QatLinear, nnx.LinearGeneral: QatLinearGeneral, nnx.Conv: QatConv,
+          nnx.Einsum: QatEinsum}
+
+
+def _path_str(path: tuple) -> str:
+    return "/".join(map(str, path))
+
+
+def quantized_layers(model: nnx.Module) -> list[tuple[tuple[str, ...], _LinenBacked]]:
+    """``(path, layer)`` of every qatjax NNX layer in ``model`` (path parts as strings)."""
+    return [(tuple(map(str, path)), node) for path, node in nnx.iter_graph(model)
+            if isinstance(node, _LinenBacked)]
+
+
+def collections(model: nnx.Module) -> dict[str, Any]:
+    """The model's variables as linen collections: ``{collection: nested dict}`` for the
+    variable types of :data:`qatjax.nnx.VARIABLE_TYPES` (module paths as keys, list
+    indices as strings), the form the linen tools take."""
+    def stringify(tree):
+        if isinstance(tree, Mapping):
+            return {str(k): stringify(v) for k, v in tree.items()}
+        return tree
+
+    out = {}
+    for col, var_type in VARIABLE_TYPES.items():
+        tree = stringify(nnx.to_pure_dict(nnx.state(model, var_type)))
+        if tree:
+            out[col] = tree
+    return out
+
+
+def _subtree(tree: Mapping[str, Any], path: tuple[str, ...]) -> dict[str, Any]:
+    for key in path:
+        tree = tree.get(key, {}) if isinstance(tree, Mapping) else {}
+    return dict(tree) if isinstance(tree, Mapping) else {}
+
+
+def quantize_model(model: nnx.Module, config: QatConfig | None = QatConfig(), *,
+                   rules: Rules = (), mode: str | None = None,
+                   axis_name: str | None = None) -> nnx.Module:
+    """Swaps, in place, the ``nnx.Linear`` / ``nnx.LinearGeneral`` / ``nnx.Conv`` /
+    ``nnx.Einsum`` layers of an unmodified NNX model for their qatjax drop-ins.
+
+    The drop-ins take over the layers' own ``kernel`` / ``bias`` variables (the same
+    objects: no array is copied, so quantizing costs no second copy of the model) and add
+    their quantization state. Rules are those of :func:`qatjax.flax.quantize_model`:
+    ``(pattern, config)`` pairs, the first full match of the layer's path (``"blocks/0/up"``)
+    decides, ``None`` keeps a layer float; a rule that matches no layer raises.
+
+    Returns:
+      ``model`` (modified in place).
+    """
+    if config is not None and not isinstance(config, QatConfig):
+        raise TypeError(f"quantize_model: `config` must be a QatConfig or None, got {type(config).__name__}.")
+    for pattern, cfg in rules:
+        re.compile(pattern)
+        if cfg is not None and not isinstance(cfg, QatConfig):
+            raise TypeError(f"quantize_model: rule {pattern!r} needs a QatConfig or None, "
+                            f"got {type(cfg).__name__}.")
+    if config is None and not any(cfg is not None for _, cfg in rules):
+        raise ValueError("quantize_model: nothing to quantize: `config` is None and no rule gives "
+                         "a QatConfig.")
+    if mode is not None and mode not in MODES:
+        raise ValueError(f"quantize_model: `mode` must be one of {MODES} or None, got {mode!r}.")
+    if not isinstance(model, nnx.Module):
+        raise TypeError(f"quantize_model (qatjax.nnx): `model` must be an nnx.Module, got "
+                        f"{type(model).__name__}; linen models go to qatjax.flax.quantize_model.")
+    decided, seen = set(), []
+    swaps = []
+    for path, node in list(nnx.iter_graph(model)):
+        if type(node) not in _TWINS or not path:
+            continue
+        where = _path_str(path)
+        seen.append(where)
+        cfg = config
+        for i, (pattern, rule_cfg) in enumerate(rules):
+            if re.fullmatch(pattern, where):
+                decided.add(i)
+                cfg = rule_cfg
+                break
+        if cfg is not None:
+            swaps.append((path, _drop_in(node, cfg, mode, axis_name)))
+    unused = [pattern for i, (pattern, _) in enumerate(rules) if i not in decided]
+    if unused:
+        raise ValueError(f"quantize_model: rule pattern(s) {unused} matched no layer (the first "
+                         f"full match, re.fullmatch, decides); the layer paths are: {seen}.")
+    for path, layer in swaps:
+        parent = model
+        for key in path[:-1]:
+            parent = parent[key] if isinstance(key, int) else getattr(parent, key)
+        if isinstance(path[-1], int):
+            parent[path[-1]] = layer
+        else:
+            setattr(parent, path[-1], layer)
+    return model
+
+
+def _drop_in(node: nnx.Module, cfg: QatConfig, mode: str | None, axis_name: str | None
+             ) -> _LinenBacked:
+    """The qatjax drop-in of ``node`` holding ``node``'s own variables."""
+    kernel = node.kernel
+    bias = node.bias
+    common = dict(config=cfg, mode=mode, axis_name=axis_name, rngs=nnx.Rngs(0),
+                  dtype=node.dtype, param_dtype=node.param_dtype, precision=node.precision,
+                  promote_dtype=node.promote_dtype,
+                  kernel_init=lambda *_: kernel.get_value(),
+                  bias_init=lambda *_: bias.get_value())
+    if type(node) is nnx.Linear:
+        layer = QatLinear(node.in_features, node.out_features, use_bias=node.use_bias,
+                          dot_general=node.dot_general,
+                          preferred_element_type=node.preferred_element_type, **common)
+    elif type(node) is nnx.LinearGeneral:
+        layer = QatLinearGeneral(node.in_features, node.out_features, axis=node.axis,
+                                 batch_axis=dict(node.batch_axis), use_bias=node.use_bias,
+                                 dot_general=node.dot_general,
+                                 dot_general_cls=node.dot_general_cls, **common)
+    elif type(node) is nnx.Conv:
+        layer = QatConv(node.in_features, node.out_features, node.kernel_size, node.strides,
+                        padding=node.padding, input_dilation=node.input_dilation,
+                        kernel_dilation=node.kernel_dilation,
+                        feature_group_count=node.feature_group_count, use_bias=node.use_bias,
+                        mask=node.mask, conv_general_dilated=node.conv_general_dilated, **common)
+    else:
+        layer = QatEinsum(node.einsum_str, node.kernel_shape, node.bias_shape,
+                          einsum_op=node.einsum_op, **common)
+    layer.kernel = kernel  # the same variables (metadata, sharding and all)
+    if bias is not None:
+        layer.bias = bias
+    return layer
+
+
+def _as_args(batch: Any) -> tuple:
+    return tuple(batch) if isinstance(batch, tuple) else (batch,)
+
+
+def _run_in_mode(model: nnx.Module, mode: str, args: tuple, kwargs: Mapping[str, Any]) -> Any:
+    @nnx.jit
+    def run(m, a):
+        with quant_mode(mode):
+            return m(*a, **kwargs)
+
+    return run(model, args)
+
+
+def calibrate(model: nnx.Module, batches: Iterable[Any], *, progress: bool = False,
+              reset: bool = True, call_kwargs: Mapping[str, Any] | None = None) -> nnx.Module:
+    """Runs ``model`` over ``batches`` in calibrate mode, then turns every layer's statistics
+    into its activation parameters (:class:`~qatjax.nnx.QuantParams`; LSQ scales as
+    ``nnx.Param``), in place.
+
+    Args:
+      model: an NNX model with qatjax layers (drop-ins or :func:`quantize_model`).
+      batches: iterable of inputs (a tuple is unpacked into the call's arguments).
+      progress: show a tqdm progress bar.
+      reset: start from empty statistics.
+      call_kwargs: extra keyword arguments of every call (e.g. ``deterministic=True``).
+    Returns:
+      ``model``.
+    Raises:
+      ValueError: no batches, no qatjax layer, or a layer that observed no finite value.
+    """
+    layers = quantized_layers(model)
+    if not layers:
+        raise ValueError("calibrate: the model has no qatjax layers (QatLinear, QatConv, ... or "
+                         "qatjax.nnx.quantize_model).")
+    kwargs = dict(call_kwargs or {})
+    if reset:
+        for _, layer in layers:
+            act = layer.config.activation_quantizer()
+            if act is not None and act.static and hasattr(layer, "input"):
+                layer.input.set_value(act.init())
+    iterator = batches
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(batches, desc="calibrate", unit="batch")
+    last = None
+    for batch in iterator:
+        last = _as_args(batch)
+        _run_in_mode(model, "calibrate", last, kwargs)
+    if last is None:
+        raise ValueError("calibrate: `batches` yielded no batch.")
+    linen_model._check_observed(collections(model).get("quant_stats", {}))
+    _run_in_mode(model, _FINALIZE, last, kwargs)
+    return model
+
+
+def quant_report(model: nnx.Module, sample: Any = None, *,
+                 call_kwargs: Mapping[str, Any] | None = None) -> linen_model.CalibrationReport:
+    """The per-layer table of :func:`qatjax.quant_report` for an NNX model; with a ``sample``
+    batch, each layer's own output error against float on it (every layer gets the float
+    model's input)."""
+    errors = {}
+    if sample is not None:
+        if any(hasattr(layer, "kernel_codes") for _, layer in quantized_layers(model)):
+            raise ValueError("quant_report: output errors need the float kernels; pass the model "
+                             "before qatjax.nnx.convert (or no `sample`).")
+        _run_in_mode(model, _COMPARE, _as_args(sample), dict(call_kwargs or {}))
+        sown = nnx.pop(model, nnx.Intermediate)
+        for path, value in nnx.to_flat_state(sown):
+            if path[-1] == "output_error":
+                errors[_path_str(path[:-1])] = float(np.max(np.asarray(value.get_value())))
+    return linen_model.report_with_errors(collections(model), errors)
+
+
+def convert(model: nnx.Module) -> nnx.Module:
+    """Converts every qatjax layer for serving, in place: the float ``kernel`` (and LSQ
+    weight scales) are replaced by ``kernel_codes`` / ``kernel_scale`` / ``kernel_zero_point``
+    (:class:`~qatjax.nnx.QuantParams`), exactly as :func:`qatjax.convert` converts linen
+    variables, and ``quant_stats`` are dropped; infer mode then serves the codes, bit for bit
+    what train mode computed. Returns ``model``."""
+    served = linen_model.convert(collections(model))
+    for path, layer in quantized_layers(model):
+        layer.set_linen_variables({col: _subtree(tree, path) for col, tree in served.items()
+                                   if col != "quant_stats"})
+    return model
+
+
+def quantize_model_weights(model: nnx.Module, *, pack: bool = True) -> dict:
+    """:func:`qatjax.quantize_model_weights` of the model's variables (codes, scales and the
+    other parameters, as plain arrays: save them with safetensors, orbax or msgpack)."""
+    return linen_model.quantize_model_weights(collections(model), pack=pack)
