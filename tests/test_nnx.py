@@ -173,3 +173,45 @@ def test_a_plain_nnx_optimizer_qat_loop_trains_kernels_and_lsq_scales():
     assert np.abs(g["blocks"][0]["kernel"]).sum() > 0
     assert np.abs(g["blocks"][0]["kernel_scale"]).sum() > 0
     assert np.abs(g["blocks"][0]["input_scale"]).sum() > 0
+
+
+def test_a_checkpoint_restored_mid_training_reproduces_the_next_step(tmp_path):
+    cfg = QatConfig(weight_format="fp8_e4m3", activation_format="fp8_e4m3",
+                    weight_granularity="per_tensor", fp8_scaling="delayed")
+    x = RNG.randn(32, 10, 3).astype(np.float32)
+    y = (x.mean((1, 2)) > 0).astype(np.int32)
+
+    def build(seed):
+        net = qnnx.quantize_model(_Net(nnx.Rngs(seed)), cfg, rules=[("conv", None)])
+        return net, nnx.Optimizer(net, optax.adam(1e-3), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(net, optimizer, x, y):
+        def loss_fn(net):
+            with qnnx.quant_mode("train"):
+                return optax.softmax_cross_entropy_with_integer_labels(net(x), y).mean()
+
+        loss, grads = nnx.value_and_grad(loss_fn)(net)
+        optimizer.update(net, grads)
+        return loss
+
+    net, optimizer = build(0)
+    for _ in range(3):
+        step(net, optimizer, x, y)
+    path = str(tmp_path / "ckpt.msgpack")
+    qatjax.checkpoint.save(path, {"model": qnnx.collections(net),
+                                  "opt": nnx.to_pure_dict(nnx.state(optimizer, nnx.OptState))})
+    history = net.blocks[0].input_amax_history[...]
+    expected = float(step(net, optimizer, x, y))
+
+    restored, optimizer2 = build(1)  # other weights, empty histories
+    loaded = qatjax.checkpoint.load(path)
+    qnnx.set_collections(restored, loaded["model"])
+    opt_state = nnx.state(optimizer2, nnx.OptState)
+    nnx.replace_by_pure_dict(opt_state, loaded["opt"])
+    nnx.update(optimizer2, opt_state)
+    np.testing.assert_array_equal(restored.blocks[0].input_amax_history[...], history)
+    assert float(step(restored, optimizer2, x, y)) == expected
+    for a, b in zip(jax.tree.leaves(nnx.state(net, nnx.Param)),
+                    jax.tree.leaves(nnx.state(restored, nnx.Param)), strict=True):
+        np.testing.assert_array_equal(a, b)

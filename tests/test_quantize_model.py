@@ -137,6 +137,7 @@ def test_attention_projections_are_quantized():
     qmodel = quantize_model(model, CFG)
     v = qatjax.calibrate(qmodel, {"params": float_vars["params"]}, [x, _x(1, (2, 5, 32))])
     assert sorted(r.path for r in qatjax.quant_report(v).layers) == [
+        "attn/einsum0 lhs", "attn/einsum0 rhs", "attn/einsum1 lhs", "attn/einsum1 rhs",
         "attn/key", "attn/out", "attn/query", "attn/value", "mlp"]
     with quant_mode("float"):
         np.testing.assert_array_equal(np.asarray(qmodel.apply(v, x)),

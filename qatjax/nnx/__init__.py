@@ -8,9 +8,9 @@ from qatjax.flax.layers import quant_mode
 from qatjax.nnx.layers import (VARIABLE_TYPES, Fp8Meta, QatConv, QatEinsum, QatLinear,
                                QatLinearGeneral, QuantParams, QuantStats)
 from qatjax.nnx.model import (calibrate, collections, convert, quant_report, quantize_model,
-                              quantize_model_weights, quantized_layers)
+                              quantize_model_weights, quantized_layers, set_collections)
 
 __all__ = ["QatLinear", "QatLinearGeneral", "QatConv", "QatEinsum", "QuantStats", "QuantParams",
            "Fp8Meta", "VARIABLE_TYPES", "quant_mode", "quantize_model", "calibrate",
            "quant_report", "convert", "quantize_model_weights", "collections",
-           "quantized_layers"]
+           "set_collections", "quantized_layers"]

@@ -24,7 +24,7 @@ from qatjax.nnx.layers import (VARIABLE_TYPES, QatConv, QatEinsum, QatLinear, Qa
                                _LinenBacked)
 
 __all__ = ["quantize_model", "calibrate", "quant_report", "convert", "quantize_model_weights",
-           "collections", "quantized_layers"]
+           "collections", "set_collections", "quantized_layers"]
 
 Rules = Sequence[tuple[str, QatConfig | None]]
 
@@ -58,6 +58,32 @@ def collections(model: nnx.Module) -> dict[str, Any]:
         if tree:
             out[col] = tree
     return out
+
+
+def set_collections(model: nnx.Module, tree: Mapping[str, Any]) -> nnx.Module:
+    """The inverse of :func:`collections`: writes linen-form collections (for example a
+    checkpoint of ``collections(model)`` loaded with :func:`qatjax.checkpoint.load`) into
+    the model's variables, in place. qatjax layers take exactly the state given (entries
+    it lacks are created -- calibrated scales, converted codes -- and ones it does not
+    list are removed); every other variable of those types takes its value.
+
+    Raises:
+      ValueError: if a variable of the model has no value in ``tree``.
+    Returns:
+      ``model``.
+    """
+    for path, layer in quantized_layers(model):
+        layer.set_linen_variables({col: _subtree(sub, path) for col, sub in tree.items()
+                                   if col in VARIABLE_TYPES})
+    for col, var_type in VARIABLE_TYPES.items():
+        for path, variable in nnx.to_flat_state(nnx.state(model, var_type)):
+            value = tree.get(col, {})
+            for key in map(str, path):
+                if not isinstance(value, Mapping) or key not in value:
+                    raise ValueError(f"set_collections: no value for {col}/{_path_str(path)}.")
+                value = value[key]
+            variable.set_value(value)
+    return model
 
 
 def _subtree(tree: Mapping[str, Any], path: tuple[str, ...]) -> dict[str, Any]:
