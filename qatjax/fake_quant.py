@@ -300,7 +300,7 @@ def _check_args(x, qp, fmt: Format, fn: str):
     _check_broadcast(x.shape, zero_point.shape, "qp.zero_point", fn)
     if not isinstance(scale, jax.core.Tracer):
         s = np.asarray(scale)
-        bad = s[~((s > 0) & np.isfinite(s))]
+        bad = s[(s <= 0) | np.isinf(s)]  # NaN passes: NaN in (a NaN scale), NaN out
         if bad.size:
             raise ValueError(f"{fn}: `qp.scale` must be positive and finite; got {bad[0]}.")
     else:

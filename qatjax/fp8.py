@@ -12,14 +12,13 @@ gradient in e5m2, one per-tensor scale for each.
 Non-finite values and where the amax rules differ from Transformer Engine's
 (``DelayedScaling``):
 
-* amax is taken over the finite values only; NaN and infinities do not set the scale of
-  the other values, and the outputs that read them are NaN (NaN in, NaN out, as in
-  float training: the loss of a diverging run is non-finite). Transformer Engine's amax
-  kernel skips NaN (``fmaxf``) but keeps an infinity.
-* An amax that is not finite (here only an overflow of the cross-device maximum) is not
-  pushed into the history. Transformer Engine stores it, and with ``"max"`` holds the
-  previous scale for as long as the infinity stays in the window (up to
-  ``amax_history_len`` steps).
+* NaN in, NaN out: the outputs that read a NaN or an infinity are NaN, as in float
+  training, so the loss of a diverging run is non-finite. With current scaling a
+  non-finite amax makes the scale, and so every output of the step, NaN.
+* Delayed scaling: a non-finite amax is not pushed into the history (the scale in use
+  is kept). Transformer Engine's amax kernel skips NaN (``fmaxf``) but keeps an
+  infinity, stores it, and with ``"max"`` holds the previous scale for as long as the
+  infinity stays in the window (up to ``amax_history_len`` steps).
 * The default history is 16 steps (``QatConfig.amax_history_len``) against Transformer
   Engine's and Flax's 1024: with ``"max"`` a scale then recovers from a one-step spike
   after 16 steps instead of 1024. Set 1024 to reproduce their scales.
@@ -82,14 +81,8 @@ def init_history(length: int) -> AmaxHistory:
 
 
 def amax(x: jax.Array, axis_name: str | None = None) -> jax.Array:
-    """``max|x|`` over the finite values of ``x`` (0 when there are none), in float32, reduced
-    with ``pmax`` over ``axis_name``.
-
-    NaN and infinities are left out, so that one of them does not change the scale of every
-    other value (the contraction makes the outputs that read them NaN, see
-    :func:`qatjax.qdot.propagate_non_finite`).
-    """
-    a = jnp.max(jnp.where(jnp.isfinite(x), jnp.abs(x), 0)).astype(jnp.float32)
+    """``max|x|`` in float32 (NaN-propagating), reduced with ``pmax`` over ``axis_name``."""
+    a = jnp.max(jnp.abs(x)).astype(jnp.float32)
     return a if axis_name is None else lax.pmax(a, axis_name)
 
 
@@ -148,9 +141,10 @@ class Fp8Quantizer:
         over ``axis_name`` (current); zero point 0."""
         if self.scaling == "delayed":
             scale = state.scale
-        else:
-            scale = scale_from_amax(amax(lax.stop_gradient(x), axis_name), self.format, self.margin,
-                                    jnp.ones((), jnp.float32))
+        else:  # a non-finite amax gives a NaN scale: NaN in, NaN out
+            a = amax(lax.stop_gradient(x), axis_name)
+            scale = jnp.where(jnp.isfinite(a), scale_from_amax(a, self.format, self.margin,
+                                                               jnp.ones((), jnp.float32)), jnp.nan)
         return QParams(scale, jnp.zeros((), jnp.int32))
 
     def observe(self, state: AmaxHistory, x: jax.Array, axis_name: str | None = None) -> AmaxHistory:

@@ -535,10 +535,9 @@ def propagate_non_finite(y: jax.Array, x: jax.Array, w: jax.Array | None, spec: 
                           kernel_shape: tuple[int, ...]) -> jax.Array:
     """NaN in, NaN out: outputs that read a NaN or infinity of a quantized activation are NaN.
 
-    Codes cannot hold NaN (integers) or infinity (fp8 saturates), and activation scales are
-    computed from the finite values only, so without this a diverging input would give
-    finite outputs. The rhs counts only when ``spec.w_is_activation`` (``w`` is None when
-    serving stored codes).
+    Codes cannot hold NaN (integers) or infinity (fp8 saturates), and static scales do not
+    see the batch, so without this a diverging input would give finite outputs. The rhs
+    counts only when ``spec.w_is_activation`` (``w`` is None when serving stored codes).
     """
     if spec.x_format is not None:
         y = jnp.where(_reads_non_finite(x, "lhs", spec, x.ndim, kernel_shape), jnp.nan, y)

@@ -133,16 +133,17 @@ class ActivationQuantizer:
                         axis_name: str | None = None) -> QParams:
         """Parameters from ``x`` itself: absmax (symmetric) or min / max (affine) of the whole
         tensor, reduced over ``axis_name``, or per token (over ``contracting`` only, size 1
-        there; no cross-device reduction: every token is local). Taken over the finite
-        values only (NaN and infinities count as 0), so one of them does not change every
-        other value's scale; the contraction makes the outputs that read them NaN."""
+        there; no cross-device reduction: every token is local). A NaN or infinity makes
+        the scale it falls under NaN: the whole tensor's per tensor, its row's per token (NaN
+        in, NaN out at no extra cost; the contraction's outputs that read it are NaN
+        anyway)."""
         x = jax.lax.stop_gradient(x)
-        x = jnp.where(jnp.isfinite(x), x, jnp.zeros((), x.dtype))
         axes = tuple(contracting) if self.per_token else None
         across_devices = axis_name is not None and not self.per_token
 
         def extreme(v: jax.Array, reduce, collective) -> jax.Array:
             v = reduce(v, axis=axes, keepdims=self.per_token).astype(jnp.float32)
+            v = jnp.where(jnp.isfinite(v), v, jnp.nan)  # an infinity too gives a NaN scale
             return collective(v, axis_name) if across_devices else v
 
         if self.symmetric:

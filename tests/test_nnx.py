@@ -215,3 +215,46 @@ def test_a_checkpoint_restored_mid_training_reproduces_the_next_step(tmp_path):
     for a, b in zip(jax.tree.leaves(nnx.state(net, nnx.Param)),
                     jax.tree.leaves(nnx.state(restored, nnx.Param)), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+class _Block(nnx.Module):
+    """An unmodified NNX transformer block: attention (jax.nn.dot_product_attention inside
+    nnx.MultiHeadAttention), then an MLP."""
+
+    def __init__(self, rngs):
+        self.attn = nnx.MultiHeadAttention(num_heads=4, in_features=32, qkv_features=32,
+                                           decode=False, rngs=rngs)
+        self.up = nnx.Linear(32, 64, rngs=rngs)
+        self.down = nnx.Linear(64, 32, rngs=rngs)
+
+    def __call__(self, x, mask=None):
+        x = x + self.attn(x, mask=mask)
+        return x + self.down(nnx.relu(self.up(x)))
+
+
+def test_an_unmodified_nnx_transformer_block_is_quantized_by_rules_attention_einsums_included():
+    x = RNG.randn(2, 6, 32).astype(np.float32)
+    block = _Block(nnx.Rngs(0))
+    y_float = block(x)
+    qnnx.quantize_model(block, QatConfig(activation_scaling="dynamic",
+                                         activation_granularity="per_token"),
+                        rules=[("attn", QatConfig(**MINMAX)), ("attn/(query|key|value|out)",
+                                                                 QatConfig(**MINMAX))])
+    with qnnx.quant_mode("float"):
+        np.testing.assert_array_equal(block(x), y_float)
+    qnnx.calibrate(block, [x])
+    paths = [r.path for r in qnnx.quant_report(block, x).layers]
+    assert {"attn/einsum0 lhs", "attn/einsum0 rhs", "attn/einsum1 lhs", "attn/einsum1 rhs",
+            "attn/query", "up", "down"} <= set(paths)
+    with qnnx.quant_mode("train"):
+        y_train = block(x)
+        # A causal mask holds in the quantized attention: later tokens do not move earlier ones.
+        causal = nnx.make_causal_mask(jnp.ones((2, 6)))
+        changed = x.copy()
+        changed[:, 4:] += 1.0
+        np.testing.assert_array_equal(block(x, mask=causal)[:, :4], block(changed, mask=causal)[:, :4])
+    rel = np.linalg.norm(y_train - y_float) / np.linalg.norm(y_float)
+    assert 0 < rel < 0.05
+    qnnx.convert(block)
+    with qnnx.quant_mode("infer"):
+        np.testing.assert_array_equal(block(x), y_train)

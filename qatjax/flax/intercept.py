@@ -64,9 +64,13 @@ _TWINS = {
 # None inside qatjax's own layers and contractions (nothing to intercept there).
 _frame: contextvars.ContextVar["_Frame | None"] = contextvars.ContextVar("qatjax_frame", default=None)
 _ORIGINAL = {"dot_general": lax.dot_general, "einsum": jnp.einsum,
-             "conv_general_dilated": lax.conv_general_dilated}
+             "conv_general_dilated": lax.conv_general_dilated,
+             "dot_product_attention": jax.nn.dot_product_attention}
 _PATCHED = {"dot_general": "_intercepted_dot_general", "einsum": "_intercepted_einsum",
-            "conv_general_dilated": "_intercepted_conv"}
+            "conv_general_dilated": "_intercepted_conv",
+            "dot_product_attention": "_intercepted_dot_product_attention"}
+_TARGETS = {"dot_general": lax, "einsum": jnp, "conv_general_dilated": lax,
+            "dot_product_attention": jax.nn}
 
 
 @dataclasses.dataclass
@@ -229,6 +233,53 @@ def _intercepted_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_
     return y.astype(preferred_element_type or jnp.result_type(lhs, rhs))
 
 
+def _intercepted_dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None,
+                                      is_causal=False, query_seq_lengths=None,
+                                      key_value_seq_lengths=None, local_window_size=None,
+                                      implementation=None, return_residual=False):
+    """``jax.nn.dot_product_attention`` (NNX's attention calls it) with its two contractions,
+    ``Q K^T`` and ``A V``, quantized as intercepted einsums (``einsum{i}`` of the frame);
+    masking and the float32 softmax as in JAX's XLA implementation. Float mode, and calls
+    outside a quantized module, run the original."""
+    frame = _frame.get()
+    float_call = functools.partial(
+        _ORIGINAL["dot_product_attention"], query, key, value, bias, mask, scale=scale,
+        is_causal=is_causal, query_seq_lengths=query_seq_lengths,
+        key_value_seq_lengths=key_value_seq_lengths, local_window_size=local_window_size,
+        implementation=implementation, return_residual=return_residual)
+    if frame is None or (_forced_mode.get() or frame.mode) == "float":
+        return float_call()
+    if local_window_size is not None or return_residual:
+        raise ValueError(f"quantize_model: {_where(frame)} calls dot_product_attention with "
+                         "local_window_size or return_residual, which its quantized version does "
+                         "not implement; keep this module float with a rule.")
+    q, k, v = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
+    unbatched = q.ndim == 3
+    if unbatched:
+        q, k, v = q[None], k[None], v[None]
+    heads, kv_heads = q.shape[2], k.shape[2]
+    if kv_heads != heads:  # grouped-query attention: each key / value head serves a group
+        k, v = jnp.repeat(k, heads // kv_heads, axis=2), jnp.repeat(v, heads // kv_heads, axis=2)
+    logits = jnp.einsum("BTNH,BSNH->BNTS", q, k)  # intercepted: quantized
+    logits = logits * jnp.array(q.shape[-1] ** -0.5 if scale is None else scale, logits.dtype)
+    if bias is not None:
+        logits = (logits + bias).astype(logits.dtype)
+    t, s = logits.shape[-2:]
+    keep = jnp.ones((1, 1, t, s), bool) if mask is None else jnp.asarray(mask, bool)
+    if is_causal:
+        keep = keep & jnp.tril(jnp.ones((t, s), bool))
+    if query_seq_lengths is not None:
+        keep = keep & (jnp.arange(t)[None, None, :, None]
+                       < jnp.asarray(query_seq_lengths)[:, None, None, None])
+    if key_value_seq_lengths is not None:
+        keep = keep & (jnp.arange(s)[None, None, None, :]
+                       < jnp.asarray(key_value_seq_lengths)[:, None, None, None])
+    logits = jnp.where(keep, logits, jnp.asarray(0.7 * jnp.finfo(logits.dtype).min, logits.dtype))
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(q.dtype)
+    out = jnp.einsum("BNTS,BSNH->BTNH", probs, v)  # intercepted: quantized
+    return out[0] if unbatched else out
+
+
 def _where(frame: _Frame, name: str = "") -> str:
     return "/".join(frame.module.scope.path + ((name,) if name else ()))
 
@@ -382,8 +433,8 @@ def quantize_model(model: nn.Module, config: QatConfig | None = QatConfig(), *,
 def _intercepted(method, interceptor: _Interceptor):
     @functools.wraps(method)  # keeps Flax's markers (``nn.compact``) on the new method
     def run(self, *args, **kwargs):
-        patched = lax.dot_general is _intercepted_dot_general
-        if not patched:  # route the primitives through the frames while the model runs
+        was_patched = patched()
+        if not was_patched:  # route the primitives through the frames while the model runs
             _patch(True)
         outermost = _record.get() is None
         record_token = _record.set(_CallRecord()) if outermost else None
@@ -400,7 +451,7 @@ def _intercepted(method, interceptor: _Interceptor):
         finally:
             if outermost:
                 _record.reset(record_token)
-            if not patched:
+            if not was_patched:
                 _patch(False)
 
     return run
@@ -419,9 +470,14 @@ def _check_rules(rules: tuple[tuple[str, QatConfig | None], ...], record: _CallR
             f"the module paths are: {shown or '(none)'}.")
 
 
+def patched() -> bool:
+    """Whether the primitives currently route through the frames (a quantized model runs)."""
+    return lax.dot_general is _intercepted_dot_general
+
+
 def _patch(on: bool) -> None:
-    """Points ``jax.lax.dot_general`` / ``conv_general_dilated`` and ``jax.numpy.einsum`` (looked
-    up at call time by Flax's layers and attention) at the frame-aware versions, or back."""
-    for name, patched in _PATCHED.items():
-        target = jnp if name == "einsum" else lax
-        setattr(target, name, globals()[patched] if on else _ORIGINAL[name])
+    """Points ``jax.lax.dot_general`` / ``conv_general_dilated``, ``jax.numpy.einsum`` and
+    ``jax.nn.dot_product_attention`` (looked up at call time by Flax's layers and attention)
+    at the frame-aware versions, or back."""
+    for name, replacement in _PATCHED.items():
+        setattr(_TARGETS[name], name, globals()[replacement] if on else _ORIGINAL[name])

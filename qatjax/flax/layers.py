@@ -22,8 +22,8 @@ argument, the ``mode`` attribute:
   Its output equals train mode's bit for bit.
 
 In train and infer modes, outputs that read a NaN or infinity of the input are NaN, as
-in float mode (activation scales come from the finite values only, so the rest of the
-batch is unaffected); calibration observers skip and count non-finite values. Variables
+in float mode (all of them when one dynamic scale covers the whole tensor, which it
+makes NaN); calibration observers skip and count non-finite values. Variables
 calibrated, trained or converted with another recipe than ``config`` (their
 ``kernel_spec`` / ``input_spec`` / ``fp8_spec``) are refused: a ValueError naming the
 layer and both recipes, or, under ``jit`` with descriptors of the same length, NaN outputs.

@@ -29,6 +29,7 @@ replaces it) and ``out_sharding`` constrains the output's sharding.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -39,7 +40,7 @@ from jax import lax
 
 from qatjax.config import QatConfig
 from qatjax.flax import layers as linen_layers
-from qatjax.flax.intercept import relative_error
+from qatjax.flax.intercept import _ORIGINAL, _within, relative_error
 from qatjax.flax.layers import _COMPARE, _FINALIZE, MODES, _forced_mode, quant_mode
 
 __all__ = ["QatLinear", "QatLinearGeneral", "QatConv", "QatEinsum", "QuantStats", "QuantParams",
@@ -161,8 +162,10 @@ class _LinenBacked:
         return chosen
 
     def _run(self, float_call, args: tuple, mode: str | None, out_sharding, **kwargs) -> jax.Array:
-        """``float_call()`` in float mode (the NNX layer itself), else the linen twin."""
+        """``float_call()`` in float mode (the NNX layer itself), else the linen twin; neither
+        is intercepted (a parent module's frame does not reach into the layer)."""
         mode = self._resolve_mode(mode)
+        float_call = functools.partial(_within, None, float_call, (), {})
         if mode == "float" and getattr(self, "kernel", None) is not None:
             return float_call()
         custom = self._custom_op()
@@ -184,8 +187,9 @@ class _LinenBacked:
 
     def _twin_call(self, args: tuple, mode: str, kwargs) -> jax.Array:
         with quant_mode(mode):  # the resolved mode, over any outer one
-            y, updates = self._twin.apply(self.linen_variables(), *args, mutable=_mutable(mode),
-                                          **kwargs)
+            # No interception inside the layer (see qatjax.nnx.intercept).
+            y, updates = _within(None, self._twin.apply, (self.linen_variables(),) + args,
+                                 dict(kwargs, mutable=_mutable(mode)))
         self._write_back(updates)
         return y
 
@@ -213,7 +217,7 @@ class QatLinear(_LinenBacked, nnx.Linear):
         return jnp.zeros((1, self.in_features), self.param_dtype)
 
     def _custom_op(self) -> str | None:
-        return None if self.dot_general is lax.dot_general else "dot_general"
+        return None if self.dot_general is _ORIGINAL["dot_general"] else "dot_general"
 
     def __call__(self, inputs: jax.Array, mode: str | None = None,  # type: ignore[override]
                  out_sharding=None) -> jax.Array:
@@ -280,7 +284,8 @@ class QatConv(_LinenBacked, nnx.Conv):
         return jnp.zeros((1, *window, self.in_features), self.param_dtype)
 
     def _custom_op(self) -> str | None:
-        return None if self.conv_general_dilated is lax.conv_general_dilated else "conv_general_dilated"
+        return (None if self.conv_general_dilated is _ORIGINAL["conv_general_dilated"]
+                else "conv_general_dilated")
 
     def __call__(self, inputs: jax.Array, mode: str | None = None,  # type: ignore[override]
                  out_sharding=None) -> jax.Array:
@@ -308,7 +313,7 @@ class QatEinsum(_LinenBacked, nnx.Einsum):
         return jnp.zeros(tuple(sizes.get(c, 1) for c in lhs), self.param_dtype)
 
     def _custom_op(self) -> str | None:
-        return None if self.einsum_op is jnp.einsum else "einsum_op"
+        return None if self.einsum_op is _ORIGINAL["einsum"] else "einsum_op"
 
     def __call__(self, inputs: jax.Array, einsum_str: str | None = None,  # type: ignore[override]
                  mode: str | None = None, out_sharding=None) -> jax.Array:

@@ -20,8 +20,9 @@ from flax import nnx
 from qatjax.config import QatConfig
 from qatjax.flax import model as linen_model
 from qatjax.flax.layers import _COMPARE, _FINALIZE, MODES, quant_mode
+from qatjax.nnx.intercept import intercept_calls
 from qatjax.nnx.layers import (VARIABLE_TYPES, QatConv, QatEinsum, QatLinear, QatLinearGeneral,
-                               _LinenBacked)
+                               QuantStats, _LinenBacked)
 
 __all__ = ["quantize_model", "calibrate", "quant_report", "convert", "quantize_model_weights",
            "collections", "set_collections", "quantized_layers"]
@@ -100,9 +101,13 @@ def quantize_model(model: nnx.Module, config: QatConfig | None = QatConfig(), *,
 
     The drop-ins take over the layers' own ``kernel`` / ``bias`` variables (the same
     objects: no array is copied, so quantizing costs no second copy of the model) and add
-    their quantization state. Rules are those of :func:`qatjax.flax.quantize_model`:
-    ``(pattern, config)`` pairs, the first full match of the layer's path (``"blocks/0/up"``)
-    decides, ``None`` keeps a layer float; a rule that matches no layer raises.
+    their quantization state. The contractions other modules compute themselves
+    (``jnp.einsum`` / ``lax.dot_general`` / ``lax.conv_general_dilated``: attention's
+    ``Q K^T`` and ``A V``) are quantized by interception, as
+    :func:`qatjax.flax.quantize_model` does (see :mod:`qatjax.nnx.intercept`). Rules are
+    those of :func:`qatjax.flax.quantize_model`: ``(pattern, config)`` pairs, the first full
+    match of the module's path (``"blocks/0/up"``, the root ``""``) decides, ``None`` keeps
+    it float; a rule that matches no module raises.
 
     Returns:
       ``model`` (modified in place).
@@ -123,9 +128,9 @@ def quantize_model(model: nnx.Module, config: QatConfig | None = QatConfig(), *,
         raise TypeError(f"quantize_model (qatjax.nnx): `model` must be an nnx.Module, got "
                         f"{type(model).__name__}; linen models go to qatjax.flax.quantize_model.")
     decided, seen = set(), []
-    swaps = []
+    swaps, frames = [], []
     for path, node in list(nnx.iter_graph(model)):
-        if type(node) not in _TWINS or not path:
+        if not isinstance(node, nnx.Module) or isinstance(node, _LinenBacked):
             continue
         where = _path_str(path)
         seen.append(where)
@@ -135,12 +140,16 @@ def quantize_model(model: nnx.Module, config: QatConfig | None = QatConfig(), *,
                 decided.add(i)
                 cfg = rule_cfg
                 break
-        if cfg is not None:
+        if type(node) in _TWINS and path and cfg is not None:
             swaps.append((path, _drop_in(node, cfg, mode, axis_name)))
+        else:  # its own contractions follow cfg (None for float layers: not their parent's)
+            frames.append((node, None if type(node) in _TWINS else cfg, tuple(map(str, path))))
     unused = [pattern for i, (pattern, _) in enumerate(rules) if i not in decided]
     if unused:
-        raise ValueError(f"quantize_model: rule pattern(s) {unused} matched no layer (the first "
-                         f"full match, re.fullmatch, decides); the layer paths are: {seen}.")
+        raise ValueError(f"quantize_model: rule pattern(s) {unused} matched no module (the first "
+                         f"full match, re.fullmatch, decides); the module paths are: {seen}.")
+    for node, cfg, path in frames:
+        intercept_calls(node, cfg, mode, axis_name, path)
     for path, layer in swaps:
         parent = model
         for key in path[:-1]:
@@ -221,11 +230,12 @@ def calibrate(model: nnx.Module, batches: Iterable[Any], *, progress: bool = Fal
         raise ValueError("calibrate: the model has no qatjax layers (QatLinear, QatConv, ... or "
                          "qatjax.nnx.quantize_model).")
     kwargs = dict(call_kwargs or {})
-    if reset:
-        for _, layer in layers:
-            act = layer.config.activation_quantizer()
-            if act is not None and act.static and hasattr(layer, "input"):
-                layer.input.set_value(act.init())
+    if reset:  # observers are created afresh by the next call
+        for path, _ in nnx.to_flat_state(nnx.state(model, QuantStats)):
+            owner = model
+            for key in path[:-1]:
+                owner = owner[key] if isinstance(key, int) else getattr(owner, key)
+            delattr(owner, path[-1])
     iterator = batches
     if progress:
         from tqdm.auto import tqdm
@@ -255,8 +265,11 @@ def quant_report(model: nnx.Module, sample: Any = None, *,
         _run_in_mode(model, _COMPARE, _as_args(sample), dict(call_kwargs or {}))
         sown = nnx.pop(model, nnx.Intermediate)
         for path, value in nnx.to_flat_state(sown):
-            if path[-1] == "output_error":
-                errors[_path_str(path[:-1])] = float(np.max(np.asarray(value.get_value())))
+            key = str(path[-1])
+            if key.endswith("output_error"):  # a layer's, or an intercepted op's (einsum0_...)
+                op = key[:-len("_output_error")] if key != "output_error" else None
+                where = tuple(map(str, path[:-1])) + ((op,) if op else ())
+                errors["/".join(where)] = float(np.max(np.asarray(value.get_value())))
     return linen_model.report_with_errors(collections(model), errors)
 
 
