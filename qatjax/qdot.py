@@ -517,8 +517,8 @@ def _reads_non_finite(a: jax.Array, side: str, spec: DotSpec, lhs_ndim: int,
     Convolution (feature-last output): the lhs's windows that hold one (a convolution of the
     mask with ones, one output per feature group); the kernel's output channels that do.
     """
-    bad = ~jnp.isfinite(a)
     if isinstance(spec, ConvSpec):
+        bad = ~jnp.isfinite(a)
         if side == "rhs":
             return jnp.any(bad, axis=tuple(range(a.ndim - 1)))
         groups = spec.feature_group_count
@@ -527,8 +527,10 @@ def _reads_non_finite(a: jax.Array, side: str, spec: DotSpec, lhs_ndim: int,
         return jnp.repeat(hit, kernel_shape[-1] // groups, axis=-1) if groups > 1 else hit
     dims = spec.dims(lhs_ndim, len(kernel_shape))
     contracting = dims[0][0 if side == "lhs" else 1]
-    return to_output(jnp.any(bad, axis=contracting, keepdims=True), side, dims, lhs_ndim,
-                     len(kernel_shape))
+    # max|a| along the contracting axes is NaN or infinite exactly where a value is: a float
+    # max-reduction, which XLA vectorizes (a boolean any() costs ~4x more on CPU).
+    extreme = jnp.max(jnp.abs(a), axis=contracting, keepdims=True)
+    return to_output(~jnp.isfinite(extreme), side, dims, lhs_ndim, len(kernel_shape))
 
 
 def propagate_non_finite(y: jax.Array, x: jax.Array, w: jax.Array | None, spec: DotSpec,

@@ -36,7 +36,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax import lax
 
 from qatjax.config import QatConfig
 from qatjax.flax import layers as linen_layers
