@@ -49,7 +49,7 @@ import dataclasses
 
 from qatjax.fake_quant import quantize
 from qatjax.formats import FloatFormat
-from qatjax.qdot import DotSpec, dot_from_codes, encode_weight, propagate_non_finite
+from qatjax.qdot import DotSpec, dot_from_codes, encode_weight, nan_where_non_finite
 from qatjax.qparams import QParams
 
 __all__ = [
@@ -187,8 +187,7 @@ def _fp8_forward(x, kernel, x_scale, w_scale, x_fmt, w_fmt):
     x_qp = QParams(x_scale, jnp.zeros((), jnp.int32))
     qx = quantize(x, x_qp, x_fmt)
     qw, serving = encode_weight(kernel, QParams(w_scale, jnp.zeros((), jnp.int32)), spec)
-    y = propagate_non_finite(dot_from_codes(qx, qw, x_qp, serving, spec), x, kernel, spec,
-                             kernel.shape)
+    y = nan_where_non_finite(dot_from_codes(qx, qw, x_qp, serving, spec), x, kernel, spec)
     return y, qx, qw
 
 

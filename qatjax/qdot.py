@@ -64,7 +64,7 @@ __all__ = [
     "quantized_dot",
     "dot_from_codes",
     "serve",
-    "propagate_non_finite",
+    "nan_where_non_finite",
     "reference_dot",
     "encode_weight",
     "decode_weight",
@@ -97,6 +97,9 @@ class DotSpec:
         infinities make the outputs that read them NaN, as the lhs's do. A weight's reach
         the outputs through its min / max scale instead (NaN), which leaves the training
         forward's arithmetic exactly that of serving.
+      x_scale_from_data / w_scale_from_data: the operand's parameters come from the tensor
+        itself (dynamic scaling), so a NaN or infinity in it already makes them NaN: no
+        separate test (see :func:`nan_where_non_finite`).
     """
 
     x_format: Format | None
@@ -112,6 +115,8 @@ class DotSpec:
     original_residuals: bool = False
     dimension_numbers: DimensionNumbers | None = None
     w_is_activation: bool = False
+    x_scale_from_data: bool = False
+    w_scale_from_data: bool = False
 
     @property
     def native(self) -> str | None:
@@ -508,43 +513,53 @@ def _encode_lhs(x, x_qp, spec: DotSpec):
     return x if spec.x_format is None else quantize(x, _rounded(x_qp, spec.x_format), spec.x_format)
 
 
-def _reads_non_finite(a: jax.Array, side: str, spec: DotSpec, lhs_ndim: int,
-                      kernel_shape: tuple[int, ...]) -> jax.Array:
-    """Bool, broadcastable against the contraction's output: True where an output reads a
-    NaN or infinity of the operand ``a`` (``"lhs"``, or ``"rhs"`` in kernel layout).
+def _non_finite_rows(a: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+    """Bool, ``a``'s shape with size 1 on ``axes`` (a scalar when ``axes`` are all of them):
+    whether the slice holds a NaN or an infinity.
 
-    Dot: any non-finite value along ``a``'s contracting axes, moved to the output layout.
-    Convolution (feature-last output): the lhs's windows that hold one (a convolution of the
-    mask with ones, one output per feature group); the kernel's output channels that do.
+    The test is the sum of ``|a|`` over ``axes`` (non-finite exactly where a value is, or
+    where finite values beyond ~1e38 / K overflow, which no quantization range holds
+    either), computed as a dot with ones: its own GEMV. XLA:CPU fuses a plain reduction
+    into the quantization loop and slows a static QAT step down by ~30%.
     """
-    if isinstance(spec, ConvSpec):
-        bad = ~jnp.isfinite(a)
-        if side == "rhs":
-            return jnp.any(bad, axis=tuple(range(a.ndim - 1)))
-        groups = spec.feature_group_count
-        ones = jnp.ones(kernel_shape[:-1] + (groups,), jnp.float32)
-        hit = spec.conv(bad.astype(jnp.float32), ones, jnp.float32) > 0  # [N, *spatial', groups]
-        return jnp.repeat(hit, kernel_shape[-1] // groups, axis=-1) if groups > 1 else hit
-    dims = spec.dims(lhs_ndim, len(kernel_shape))
-    contracting = dims[0][0 if side == "lhs" else 1]
-    # max|a| along the contracting axes is NaN or infinite exactly where a value is: a float
-    # max-reduction, which XLA vectorizes (a boolean any() costs ~4x more on CPU).
-    extreme = jnp.max(jnp.abs(a), axis=contracting, keepdims=True)
-    return to_output(~jnp.isfinite(extreme), side, dims, lhs_ndim, len(kernel_shape))
+    ones = jnp.ones(tuple(a.shape[i] for i in axes), a.dtype)
+    total = lax.dot_general(jnp.abs(a), ones, ((axes, tuple(range(len(axes)))), ((), ())),
+                            preferred_element_type=jnp.float32)
+    return ~jnp.isfinite(total if len(axes) == a.ndim else jnp.expand_dims(total, axes))
 
 
-def propagate_non_finite(y: jax.Array, x: jax.Array, w: jax.Array | None, spec: DotSpec,
-                          kernel_shape: tuple[int, ...]) -> jax.Array:
-    """NaN in, NaN out: outputs that read a NaN or infinity of a quantized activation are NaN.
+def nan_where_non_finite(y: jax.Array, x: jax.Array, w: jax.Array | None, spec: DotSpec
+                         ) -> jax.Array:
+    """NaN in, NaN out: the contraction's output ``y`` with NaN wherever it reads a NaN or an
+    infinity of a quantized activation whose scale does not come from the tensor itself.
 
-    Codes cannot hold NaN (integers) or infinity (fp8 saturates), and static scales do not
-    see the batch, so without this a diverging input would give finite outputs. The rhs
-    counts only when ``spec.w_is_activation`` (``w`` is None when serving stored codes).
+    Codes cannot hold NaN (integers) or infinity (fp8 saturates), and a static scale does
+    not see the batch, so without this a diverging input would give finite outputs. A dot
+    output reads rows: those of ``x`` (and of ``w`` when ``spec.w_is_activation``) that hold
+    one are NaN, the others keep their values. A convolution output reads many rows: any
+    non-finite input value makes the whole output NaN. Scales from the tensor itself
+    (``spec.x_scale_from_data``: dynamic scaling) are NaN already and need no test; a
+    weight's NaN reaches its min / max scale.
+
+    Args:
+      y: float32 output in ``lax.dot_general``'s layout (conv: ``[N, *spatial', C_out]``).
+      x, w: the lhs and the rhs (kernel layout; None when serving stored codes).
     """
-    if spec.x_format is not None:
-        y = jnp.where(_reads_non_finite(x, "lhs", spec, x.ndim, kernel_shape), jnp.nan, y)
-    if w is not None and spec.w_format is not None and spec.w_is_activation:
-        y = jnp.where(_reads_non_finite(w, "rhs", spec, x.ndim, kernel_shape), jnp.nan, y)
+    conv = isinstance(spec, ConvSpec)
+    w_ndim = 2 if w is None else w.ndim
+    dims = None if conv else spec.dims(x.ndim, w_ndim)
+    sides = [("lhs", x, spec.x_format is not None and not spec.x_scale_from_data),
+             ("rhs", w, w is not None and spec.w_format is not None and spec.w_is_activation
+              and not spec.w_scale_from_data)]
+    for side, a, tested in sides:
+        if not tested:
+            continue
+        if conv:
+            bad = _non_finite_rows(a, tuple(range(a.ndim)))
+        else:
+            bad = to_output(_non_finite_rows(a, contracting_axes(spec, a.ndim, side)), side, dims,
+                            x.ndim, w_ndim)
+        y = jnp.where(bad, jnp.nan, y)
     return y
 
 
@@ -553,18 +568,16 @@ def serve(x: jax.Array, codes: jax.Array, x_qp: QParams | None, w_serving: QPara
     """Serving from stored weights: ``x`` quantized with ``x_qp``, then :func:`dot_from_codes`
     with the codes and serving parameters of :func:`encode_weight`. Equals the forward of
     :func:`quantized_dot_general` / :func:`quantized_dot` bit for bit; outputs that read a
-    NaN or infinity of ``x`` are NaN."""
+    NaN or infinity of ``x`` are NaN (see :func:`nan_where_non_finite`)."""
     y = dot_from_codes(_encode_lhs(x, x_qp, spec), codes, x_qp, w_serving, spec)
-    perm = spec.serving_perm(codes.ndim)
-    kernel_shape = tuple(codes.shape[perm.index(i)] for i in range(codes.ndim))
-    return propagate_non_finite(y, x, None, spec, kernel_shape)
+    return nan_where_non_finite(y, x, None, spec)
 
 
 def _forward(x, w, x_qp, w_qp, spec: DotSpec):
     """The training / unconverted-infer forward: ``(y, lhs codes, kernel-layout rhs codes)``;
-    outputs that read a NaN or infinity of a quantized operand are NaN."""
+    outputs that read a NaN or infinity of a quantized activation are NaN."""
     y, qx, q_kernel = _forward_on_codes(x, w, x_qp, w_qp, spec)
-    return propagate_non_finite(y, x, w, spec, w.shape), qx, q_kernel
+    return nan_where_non_finite(y, x, w, spec), qx, q_kernel
 
 
 def _forward_on_codes(x, w, x_qp, w_qp, spec: DotSpec):

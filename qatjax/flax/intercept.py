@@ -347,8 +347,11 @@ def _quantized_call(frame: _Frame, op: str, lhs, rhs, contracting, float_call, c
                 syms.append(act.symmetric)
         group = (cfg.weight_group_size if cfg.weight_granularity == "per_group" and roles[1] == "weight"
                  else None)
+        dynamic = act is not None and not act.static
         spec = DotSpec(fmts[0], fmts[1], syms[0], syms[1], ste=cfg.ste, group_size=group,
-                       w_is_activation=roles[1] == "activation")
+                       w_is_activation=roles[1] == "activation",
+                       x_scale_from_data=dynamic and roles[0] == "activation",
+                       w_scale_from_data=dynamic and roles[1] == "activation")
         y = contract(spec, qps[0], qps[1])
         if mode != _COMPARE:
             return y

@@ -22,8 +22,9 @@ argument, the ``mode`` attribute:
   Its output equals train mode's bit for bit.
 
 In train and infer modes, outputs that read a NaN or infinity of the input are NaN, as
-in float mode (all of them when one dynamic scale covers the whole tensor, which it
-makes NaN); calibration observers skip and count non-finite values. Variables
+in float mode (all of them when a dynamic scale is taken from the whole tensor, which it
+makes NaN, and for a convolution); calibration observers skip and count non-finite
+values. Variables
 calibrated, trained or converted with another recipe than ``config`` (their
 ``kernel_spec`` / ``input_spec`` / ``fp8_spec``) are refused: a ValueError naming the
 layer and both recipes, or, under ``jit`` with descriptors of the same length, NaN outputs.
@@ -248,7 +249,9 @@ class _QuantLayer:
             ste=cfg.ste, group_size=self._group_size(),
             x_grad_scale=x_gs, w_grad_scale=w_gs,
             x_mask=not x_own_absmax, w_mask=not w_own_absmax,
-            original_residuals=cfg.original_residuals, **extra)
+            original_residuals=cfg.original_residuals,
+            x_scale_from_data=cfg.activation_scaling == "dynamic" and cfg.fp8_scaling is None,
+            **extra)
 
     def _observe_or_finalize(self, inputs: jax.Array, mode: str) -> None:
         """The quantization bookkeeping of the float-output modes.

@@ -24,7 +24,7 @@ from qatjax.config import QatConfig
 from qatjax.flax import intercept as linen_intercept
 from qatjax.nnx.layers import VARIABLE_TYPES
 
-__all__ = ["ModuleState", "intercept_calls"]
+__all__ = ["ModuleState", "intercept_calls", "float_type"]
 
 
 class ModuleState:
@@ -106,13 +106,17 @@ def _intercepted_call(self, *args, **kwargs):
             linen_intercept._patch(False)
 
 
+def float_type(module: nnx.Module) -> type:
+    """``module``'s class before :func:`intercept_calls` wrapped it."""
+    cls = type(module)
+    return cls.__mro__[1] if cls in _WRAPPED.values() else cls
+
+
 def intercept_calls(module: nnx.Module, config: QatConfig | None, mode: str | None,
                     axis_name: str | None, path: tuple[str, ...]) -> None:
     """Makes ``module``'s own contractions follow ``config`` (None: float) while its
     ``__call__`` runs, in place (its class becomes a subclass with that ``__call__``)."""
-    base = type(module)
-    if base in _WRAPPED.values():  # quantized before: only the recipe changes
-        base = base.__mro__[1]
+    base = float_type(module)  # quantized before: only the recipe changes
     wrapped = _WRAPPED.get(base)
     if wrapped is None:
         wrapped = _WRAPPED[base] = type(base.__name__, (base,), {

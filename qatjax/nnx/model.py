@@ -20,7 +20,7 @@ from flax import nnx
 from qatjax.config import QatConfig
 from qatjax.flax import model as linen_model
 from qatjax.flax.layers import _COMPARE, _FINALIZE, MODES, quant_mode
-from qatjax.nnx.intercept import intercept_calls
+from qatjax.nnx.intercept import float_type, intercept_calls
 from qatjax.nnx.layers import (VARIABLE_TYPES, QatConv, QatEinsum, QatLinear, QatLinearGeneral,
                                QuantStats, _LinenBacked)
 
@@ -140,10 +140,11 @@ def quantize_model(model: nnx.Module, config: QatConfig | None = QatConfig(), *,
                 decided.add(i)
                 cfg = rule_cfg
                 break
-        if type(node) in _TWINS and path and cfg is not None:
+        is_layer = float_type(node) in _TWINS
+        if is_layer and path and cfg is not None:
             swaps.append((path, _drop_in(node, cfg, mode, axis_name)))
         else:  # its own contractions follow cfg (None for float layers: not their parent's)
-            frames.append((node, None if type(node) in _TWINS else cfg, tuple(map(str, path))))
+            frames.append((node, None if is_layer else cfg, tuple(map(str, path))))
     unused = [pattern for i, (pattern, _) in enumerate(rules) if i not in decided]
     if unused:
         raise ValueError(f"quantize_model: rule pattern(s) {unused} matched no module (the first "
@@ -164,6 +165,7 @@ def quantize_model(model: nnx.Module, config: QatConfig | None = QatConfig(), *,
 def _drop_in(node: nnx.Module, cfg: QatConfig, mode: str | None, axis_name: str | None
              ) -> _LinenBacked:
     """The qatjax drop-in of ``node`` holding ``node``'s own variables."""
+    kind = float_type(node)
     kernel = node.kernel
     bias = node.bias
     common = dict(config=cfg, mode=mode, axis_name=axis_name, rngs=nnx.Rngs(0),
@@ -171,16 +173,16 @@ def _drop_in(node: nnx.Module, cfg: QatConfig, mode: str | None, axis_name: str 
                   promote_dtype=node.promote_dtype,
                   kernel_init=lambda *_: kernel.get_value(),
                   bias_init=lambda *_: bias.get_value())
-    if type(node) is nnx.Linear:
+    if kind is nnx.Linear:
         layer = QatLinear(node.in_features, node.out_features, use_bias=node.use_bias,
                           dot_general=node.dot_general,
                           preferred_element_type=node.preferred_element_type, **common)
-    elif type(node) is nnx.LinearGeneral:
+    elif kind is nnx.LinearGeneral:
         layer = QatLinearGeneral(node.in_features, node.out_features, axis=node.axis,
                                  batch_axis=dict(node.batch_axis), use_bias=node.use_bias,
                                  dot_general=node.dot_general,
                                  dot_general_cls=node.dot_general_cls, **common)
-    elif type(node) is nnx.Conv:
+    elif kind is nnx.Conv:
         layer = QatConv(node.in_features, node.out_features, node.kernel_size, node.strides,
                         padding=node.padding, input_dilation=node.input_dilation,
                         kernel_dilation=node.kernel_dilation,
