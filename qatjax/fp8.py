@@ -187,7 +187,8 @@ def _fp8_forward(x, kernel, x_scale, w_scale, x_fmt, w_fmt):
     x_qp = QParams(x_scale, jnp.zeros((), jnp.int32))
     qx = quantize(x, x_qp, x_fmt)
     qw, serving = encode_weight(kernel, QParams(w_scale, jnp.zeros((), jnp.int32)), spec)
-    y = nan_where_non_finite(dot_from_codes(qx, qw, x_qp, serving, spec), x, kernel, spec)
+    y = nan_where_non_finite(dot_from_codes(qx, qw, x_qp, serving, spec), x, kernel, spec,
+                             kernel.ndim)
     return y, qx, qw
 
 

@@ -528,8 +528,8 @@ def _non_finite_rows(a: jax.Array, axes: tuple[int, ...]) -> jax.Array:
     return ~jnp.isfinite(total if len(axes) == a.ndim else jnp.expand_dims(total, axes))
 
 
-def nan_where_non_finite(y: jax.Array, x: jax.Array, w: jax.Array | None, spec: DotSpec
-                         ) -> jax.Array:
+def nan_where_non_finite(y: jax.Array, x: jax.Array, w: jax.Array | None, spec: DotSpec,
+                         w_ndim: int) -> jax.Array:
     """NaN in, NaN out: the contraction's output ``y`` with NaN wherever it reads a NaN or an
     infinity of a quantized activation whose scale does not come from the tensor itself.
 
@@ -544,9 +544,9 @@ def nan_where_non_finite(y: jax.Array, x: jax.Array, w: jax.Array | None, spec: 
     Args:
       y: float32 output in ``lax.dot_general``'s layout (conv: ``[N, *spatial', C_out]``).
       x, w: the lhs and the rhs (kernel layout; None when serving stored codes).
+      w_ndim: the rhs's rank.
     """
     conv = isinstance(spec, ConvSpec)
-    w_ndim = 2 if w is None else w.ndim
     dims = None if conv else spec.dims(x.ndim, w_ndim)
     sides = [("lhs", x, spec.x_format is not None and not spec.x_scale_from_data),
              ("rhs", w, w is not None and spec.w_format is not None and spec.w_is_activation
@@ -570,14 +570,14 @@ def serve(x: jax.Array, codes: jax.Array, x_qp: QParams | None, w_serving: QPara
     :func:`quantized_dot_general` / :func:`quantized_dot` bit for bit; outputs that read a
     NaN or infinity of ``x`` are NaN (see :func:`nan_where_non_finite`)."""
     y = dot_from_codes(_encode_lhs(x, x_qp, spec), codes, x_qp, w_serving, spec)
-    return nan_where_non_finite(y, x, None, spec)
+    return nan_where_non_finite(y, x, None, spec, codes.ndim)
 
 
 def _forward(x, w, x_qp, w_qp, spec: DotSpec):
     """The training / unconverted-infer forward: ``(y, lhs codes, kernel-layout rhs codes)``;
     outputs that read a NaN or infinity of a quantized activation are NaN."""
     y, qx, q_kernel = _forward_on_codes(x, w, x_qp, w_qp, spec)
-    return nan_where_non_finite(y, x, w, spec), qx, q_kernel
+    return nan_where_non_finite(y, x, w, spec, w.ndim), qx, q_kernel
 
 
 def _forward_on_codes(x, w, x_qp, w_qp, spec: DotSpec):
