@@ -259,3 +259,36 @@ def test_an_unmodified_nnx_transformer_block_is_quantized_by_rules_attention_ein
     qnnx.convert(block)
     with qnnx.quant_mode("infer"):
         np.testing.assert_array_equal(block(x), y_train)
+
+
+def test_sharded_calibration_orbax_checkpoint_and_export_round_trip(tmp_path):
+    import orbax.checkpoint as ocp
+
+    x = RNG.randn(16, 10, 3).astype(np.float32)
+    single = qnnx.quantize_model(_Net(nnx.Rngs(0)), QatConfig())  # histogram + mse
+    qnnx.calibrate(single, [x, 2 * x])
+    # The same calibration with the batches split over 8 devices: statistics are exact.
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("data",))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    sharded = qnnx.quantize_model(_Net(nnx.Rngs(0)), QatConfig())
+    qnnx.calibrate(sharded, [jax.device_put(b, sharding) for b in (x, 2 * x)])
+    for a, b in zip(jax.tree.leaves(nnx.state(single, qnnx.QuantParams)),
+                    jax.tree.leaves(nnx.state(sharded, qnnx.QuantParams)), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+    # An orbax checkpoint of the collections restores calibrated state into a fresh model.
+    path = tmp_path / "orbax"
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(path, qnnx.collections(single))
+    checkpointer.wait_until_finished()
+    fresh = qnnx.quantize_model(_Net(nnx.Rngs(1)), QatConfig())
+    qnnx.set_collections(fresh, qatjax.checkpoint.load(str(path)))
+    with qnnx.quant_mode("train"):
+        np.testing.assert_array_equal(fresh(x), single(x))
+        y_train = single(x)
+
+    # Export (int8 codes) and import into the unmodified float model: the fake-quantized kernels.
+    exported = qnnx.quantize_model_weights(single)
+    float_net = _Net(nnx.Rngs(2))
+    qnnx.set_collections(float_net, {"params": qatjax.dequantize_weights(exported)})
+    assert np.abs(float_net(x) - y_train).max() < 0.05 * np.abs(y_train).max()
