@@ -24,7 +24,11 @@ for each variant on the same data in the same run:
   ``nn.MultiHeadDotProductAttention`` on sequences of 64 tokens, then the MLP block),
   float and through ``qatjax.flax.quantize_model`` with dynamic per-token int8 (the
   projections, the MLP and the attention's Q K^T and A V einsums); the second's ratio
-  divides by the first.
+  divides by the first;
+* ``float nnx`` / ``qatjax nnx int8 dynamic``: the MLP stack written in Flax NNX
+  (``nnx.Linear``), float and quantized in place by ``qatjax.nnx.quantize_model`` with the
+  dynamic recipe, trained functionally (``nnx.split`` / ``nnx.merge``); the second's ratio
+  divides by the first and should match the linen ``qatjax int8 dynamic`` one.
 
 AQT and Qwix come with the ``bench`` extra (``pip install -e '.[bench]'``).
 
@@ -61,8 +65,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 
 import qatjax
+import qatjax.nnx as qnnx
 from qatjax.config import QatConfig
 from qatjax.flax import QatDense
 
@@ -225,6 +231,49 @@ def make_qatjax_attention(dim, dtype, x, calib):
                    note="quantize_model: projections, MLP and the Q K^T / A V einsums int8, per token")
 
 
+class NnxMLPStack(nnx.Module):
+    """:class:`MLPStack` written in Flax NNX: ``x + Linear(D)(gelu(Linear(4D)(x)))``, twice."""
+
+    def __init__(self, dim: int, dtype, rngs: nnx.Rngs, num_blocks: int = 2):
+        linear = functools.partial(nnx.Linear, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+        self.up = nnx.List([linear(dim, 4 * dim) for _ in range(num_blocks)])
+        self.down = nnx.List([linear(4 * dim, dim) for _ in range(num_blocks)])
+
+    def __call__(self, x):
+        for up, down in zip(self.up, self.down, strict=True):
+            x = x + down(nnx.gelu(up(x)))
+        return x
+
+
+class NnxVariant(Variant):
+    """An NNX model trained functionally: ``nnx.split`` into its ``nnx.Param`` state (trained)
+    and the rest; every step merges them and calls the model (in train mode for qatjax)."""
+
+    def __init__(self, name: str, model: nnx.Module, note: str = "", baseline: str = "float-nnx",
+                 mode: str | None = None):
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        super().__init__(name, model, params, rest, note, baseline)
+        self.graphdef, self.mode = graphdef, mode
+
+    def apply(self, params, x):
+        model = nnx.merge(self.graphdef, params, self.frozen)
+        if self.mode is None:
+            return model(x)
+        with qnnx.quant_mode(self.mode):
+            return model(x)
+
+
+def make_float_nnx(dim, dtype, x, calib):
+    return NnxVariant("float nnx", NnxMLPStack(dim, dtype, nnx.Rngs(0)))
+
+
+def make_qatjax_nnx(dim, dtype, x, calib):
+    model = qnnx.quantize_model(NnxMLPStack(dim, dtype, nnx.Rngs(0)),
+                                QatConfig(activation_scaling="dynamic"))
+    return NnxVariant("qatjax nnx int8 dynamic", model, mode="train",
+                      note="qatjax.nnx.quantize_model in place: the dynamic recipe on NNX")
+
+
 VARIANTS: dict[str, Callable] = {
     "float": make_float,
     "qatjax-dynamic": make_qatjax_dynamic,
@@ -235,6 +284,8 @@ VARIANTS: dict[str, Callable] = {
     "qatjax-token": make_qatjax_per_token,
     "float-attn": make_float_attention,
     "qatjax-attn": make_qatjax_attention,
+    "float-nnx": make_float_nnx,
+    "qatjax-nnx": make_qatjax_nnx,
 }
 MISSING_HINT = {
     "aqt": "aqt int8: skipped, aqtp is not installed (pip install -e '.[bench]')",
