@@ -27,6 +27,8 @@ CONFIGS = {
     "per-token": QatConfig(activation_scaling="dynamic", activation_granularity="per_token"),
     "fp8-delayed": QatConfig(weight_format="fp8_e4m3", activation_format="fp8_e4m3",
                              weight_granularity="per_tensor", fp8_scaling="delayed"),
+    "fp8-current": QatConfig(weight_format="fp8_e4m3", activation_format="fp8_e4m3",
+                             weight_granularity="per_tensor", fp8_scaling="current"),
 }
 
 
