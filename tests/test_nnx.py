@@ -294,3 +294,18 @@ def test_sharded_calibration_orbax_checkpoint_and_export_round_trip(tmp_path):
     float_net = _Net(nnx.Rngs(2))
     qnnx.set_collections(float_net, {"params": qatjax.dequantize_weights(exported)})
     assert np.abs(float_net(x) - y_train).max() < 0.05 * np.abs(y_train).max()
+
+
+def test_partitioned_kernels_keep_their_sharding_names_on_codes_and_scales():
+    mesh = jax.make_mesh((2, 4), ("data", "model"))
+    init = nnx.with_partitioning(nnx.initializers.lecun_normal(), (None, "model"))
+    with jax.set_mesh(mesh):
+        layer = qnnx.QatLinear(16, 8, kernel_init=init, config=QatConfig(**MINMAX),
+                               rngs=nnx.Rngs(0))
+        x = RNG.randn(8, 16).astype(np.float32)
+        qnnx.calibrate(layer, [x])
+        y_train = layer(x, mode="train")
+        qnnx.convert(layer)
+        assert layer.kernel_codes.get_metadata()["out_sharding"] == ("model", None)  # [N, K]
+        assert layer.kernel_scale.get_metadata()["out_sharding"] == ("model",)
+        np.testing.assert_array_equal(layer(x, mode="infer"), y_train)

@@ -130,12 +130,16 @@ class _LinenBacked:
             for name, value in tree.items():
                 if name in skip:
                     continue
+                metadata = {}
+                if isinstance(value, nn.Partitioned):  # sharding names, as metadata
+                    metadata = {"out_sharding": tuple(value.names), "eager_sharding": False}
+                    value = value.value
                 current = getattr(self, name, None)
-                if type(current) is var_type:
+                if type(current) is var_type and not metadata:
                     if current.get_value() is not value:
                         current.set_value(value)
                 else:
-                    setattr(self, name, var_type(value))
+                    setattr(self, name, var_type(value, **metadata))
 
     def set_linen_variables(self, collections) -> None:
         """Makes this layer's quantization variables exactly ``collections`` (``{collection:

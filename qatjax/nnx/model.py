@@ -14,6 +14,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import flax.linen as nn
 import numpy as np
 from flax import nnx
 
@@ -55,7 +56,17 @@ def collections(model: nnx.Module) -> dict[str, Any]:
 
     out = {}
     for col, var_type in VARIABLE_TYPES.items():
-        tree = stringify(nnx.to_pure_dict(nnx.state(model, var_type)))
+        state = nnx.state(model, var_type)
+        tree = stringify(nnx.to_pure_dict(state))
+        # Sharding names (nnx.with_partitioning) travel as linen's boxes, which the linen tools
+        # carry over to the codes and scales of a partitioned kernel.
+        for path, variable in nnx.to_flat_state(state):
+            names = variable.get_metadata().get("out_sharding")
+            if names is not None:
+                parent = tree
+                for key in map(str, path[:-1]):
+                    parent = parent[key]
+                parent[str(path[-1])] = nn.Partitioned(variable.get_value(), names=tuple(names))
         if tree:
             out[col] = tree
     return out
