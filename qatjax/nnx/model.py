@@ -10,6 +10,7 @@ of convert, the report and export under both front ends.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -212,13 +213,27 @@ def _as_args(batch: Any) -> tuple:
     return tuple(batch) if isinstance(batch, tuple) else (batch,)
 
 
-def _run_in_mode(model: nnx.Module, mode: str, args: tuple, kwargs: Mapping[str, Any]) -> Any:
-    @nnx.jit
-    def run(m, a):
-        with quant_mode(mode):
-            return m(*a, **kwargs)
+@functools.partial(nnx.jit, static_argnames=("mode", "kwargs"))
+def _run_in_mode_jitted(model: nnx.Module, args: tuple, *, mode: str, kwargs: tuple) -> Any:
+    with quant_mode(mode):
+        return model(*args, **dict(kwargs))
 
-    return run(model, args)
+
+def _run_in_mode(model: nnx.Module, mode: str, args: tuple, kwargs: Mapping[str, Any]) -> Any:
+    """``model(*args, **kwargs)`` in ``mode`` under ``nnx.jit``: compiled once per model
+    structure, mode and keyword arguments (which must then be hashable; others are traced
+    anew on every call)."""
+    frozen = tuple(sorted(kwargs.items()))
+    try:
+        hash(frozen)
+    except TypeError:
+        @nnx.jit
+        def run(m, a):
+            with quant_mode(mode):
+                return m(*a, **kwargs)
+
+        return run(model, args)
+    return _run_in_mode_jitted(model, args, mode=mode, kwargs=frozen)
 
 
 def calibrate(model: nnx.Module, batches: Iterable[Any], *, progress: bool = False,
