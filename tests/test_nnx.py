@@ -87,6 +87,14 @@ def test_drop_ins_match_the_nnx_layer_in_float_and_linen_in_every_mode(case, cfg
         y_linen, updates = linen.apply(v, x, mode=mode, mutable=True)
         v = {**v, **updates}
         np.testing.assert_array_equal(layer(x, mode=mode), y_linen, err_msg=mode)
+    # The model tools: the same export, and the same served outputs after convert.
+    for a, b in zip(jax.tree.leaves(qnnx.quantize_model_weights(layer)),
+                    jax.tree.leaves(qatjax.quantize_model_weights(v)), strict=True):
+        np.testing.assert_array_equal(a, b)
+    qnnx.convert(layer)
+    served = qatjax.convert(v)
+    np.testing.assert_array_equal(layer(x, mode="infer"),
+                                  linen.apply(served, x, mode="infer", mutable=True)[0])
 
 
 def test_state_is_typed_nnx_variables_and_lsq_scales_are_params():
