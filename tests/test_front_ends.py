@@ -139,7 +139,7 @@ def test_quantize_model_reaches_attention_einsums_and_dense_subclasses(quantize_
     cfg = qatjax.QatConfig(activation_observer="minmax", activation_estimator="minmax")
     rules = [] if quantize_attention_einsums else [("attn", None)]
     q = quantize_model(model, cfg, rules=rules)
-    v = q.init(jax.random.key(1), x)
+    v = jax.eval_shape(q.init, jax.random.key(1), x)
     assert jax.tree_util.tree_structure(v["params"]) == jax.tree_util.tree_structure(float_params)
     v = qatjax.calibrate(q, {"params": float_params}, [x])
     qp = v["quant_params"]
@@ -148,8 +148,9 @@ def test_quantize_model_reaches_attention_einsums_and_dense_subclasses(quantize_
     assert ("einsum1_rhs_scale" in qp["attn"]) == quantize_attention_einsums
     assert "dot_general0_lhs_scale" in qp["down"] and "kernel_spec" in qp["up"]
     with quant_mode("float"):
-        yf = q.apply(v, x)
-    np.testing.assert_array_equal(np.asarray(yf), np.asarray(model.apply({"params": float_params}, x)))
+        yf = jax.jit(q.apply)(v, x)
+    np.testing.assert_array_equal(np.asarray(yf),
+                                  np.asarray(jax.jit(model.apply)({"params": float_params}, x)))
     with quant_mode("train"):
         yt = jax.jit(q.apply)(v, x)
     with quant_mode("infer"):
