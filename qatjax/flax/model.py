@@ -91,6 +91,24 @@ def calibrate(
     if reset:
         variables.pop("quant_stats", None)
     step = _jitted_apply(model, "calibrate", ("quant_stats",), _freeze_kwargs(kwargs))
+
+    def observe(args: tuple) -> None:
+        variables["quant_stats"] = step(variables, args).get("quant_stats", {})
+
+    last = for_each_batch(batches, observe, progress=progress)
+    calibrated = finalize(model, variables, last, apply_kwargs=kwargs)
+    _check_quantized(calibrated, "calibrate")
+    return calibrated
+
+
+def for_each_batch(batches: Iterable[Any], run: Callable[[tuple], None], *,
+                   progress: bool = False) -> tuple:
+    """Calls ``run(args)`` for every batch (a tuple is the call's arguments, anything else
+    the single one), with a tqdm progress bar if asked; returns the last ``args``.
+
+    Raises:
+      ValueError: if ``batches`` yields nothing.
+    """
     iterator = batches
     if progress:
         from tqdm.auto import tqdm
@@ -99,12 +117,10 @@ def calibrate(
     last = None
     for batch in iterator:
         last = _as_args(batch)
-        variables["quant_stats"] = step(variables, last).get("quant_stats", {})
+        run(last)
     if last is None:
         raise ValueError("calibrate: `batches` yielded no batch.")
-    calibrated = finalize(model, variables, last, apply_kwargs=kwargs)
-    _check_quantized(calibrated, "calibrate")
-    return calibrated
+    return last
 
 
 def finalize(model: nn.Module, variables: Variables, sample: Any, *,

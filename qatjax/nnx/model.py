@@ -209,10 +209,6 @@ def _drop_in(node: nnx.Module, cfg: QatConfig, mode: str | None, axis_name: str 
     return layer
 
 
-def _as_args(batch: Any) -> tuple:
-    return tuple(batch) if isinstance(batch, tuple) else (batch,)
-
-
 @functools.partial(nnx.jit, static_argnames=("mode", "kwargs"))
 def _run_in_mode_jitted(model: nnx.Module, args: tuple, *, mode: str, kwargs: tuple) -> Any:
     with quant_mode(mode):
@@ -264,17 +260,8 @@ def calibrate(model: nnx.Module, batches: Iterable[Any], *, progress: bool = Fal
             for key in path[:-1]:
                 owner = owner[key] if isinstance(key, int) else getattr(owner, key)
             delattr(owner, path[-1])
-    iterator = batches
-    if progress:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(batches, desc="calibrate", unit="batch")
-    last = None
-    for batch in iterator:
-        last = _as_args(batch)
-        _run_in_mode(model, "calibrate", last, kwargs)
-    if last is None:
-        raise ValueError("calibrate: `batches` yielded no batch.")
+    last = linen_model.for_each_batch(
+        batches, lambda args: _run_in_mode(model, "calibrate", args, kwargs), progress=progress)
     linen_model._check_observed(collections(model).get("quant_stats", {}))
     _run_in_mode(model, _FINALIZE, last, kwargs)
     return model
@@ -290,7 +277,7 @@ def quant_report(model: nnx.Module, sample: Any = None, *,
         if any(hasattr(layer, "kernel_codes") for _, layer in quantized_layers(model)):
             raise ValueError("quant_report: output errors need the float kernels; pass the model "
                              "before qatjax.nnx.convert (or no `sample`).")
-        _run_in_mode(model, _COMPARE, _as_args(sample), dict(call_kwargs or {}))
+        _run_in_mode(model, _COMPARE, linen_model._as_args(sample), dict(call_kwargs or {}))
         sown = nnx.pop(model, nnx.Intermediate)
         for path, value in nnx.to_flat_state(sown):
             key = str(path[-1])
