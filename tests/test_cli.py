@@ -89,15 +89,22 @@ def test_run_refuses_to_overwrite_save_target(tmp_path, capsys):
     assert target.read_bytes() == b"precious"
 
 
-def _unwritable_dir(tmp_path):
+def _unwritable_dir(tmp_path, monkeypatch):
     """A directory we cannot create files in: read-only by its mode, or (root ignores modes)
-    Linux's /proc; None where neither is available."""
+    Linux's /proc; elsewhere the read-only one, with file creation failing as it would."""
     directory = tmp_path / "read_only"
     directory.mkdir()
     directory.chmod(0o500)
     if not os.access(directory, os.W_OK):
         return directory
-    return pathlib.Path("/proc") if sys.platform.startswith("linux") else None
+    if sys.platform.startswith("linux"):
+        return pathlib.Path("/proc")
+
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(cli.tempfile, "TemporaryFile", refused)
+    return directory
 
 
 @pytest.mark.parametrize("where", ["missing", "file", "unwritable"])
@@ -113,9 +120,7 @@ def test_run_checks_the_save_target_before_running(tmp_path, capsys, monkeypatch
         directory = tmp_path / "a_file"
         directory.write_text("")
     else:
-        directory, fragment = _unwritable_dir(tmp_path), "cannot create a file in"
-        if directory is None:
-            pytest.skip("no unwritable directory on this system")
+        directory, fragment = _unwritable_dir(tmp_path, monkeypatch), "cannot create a file in"
     target = str(directory / "model.msgpack")
     assert cli.main(["run", INT8_PTQ, "--quick", "--save", target]) == 2
     _one_line_error(capsys, "--save", target, str(directory), fragment)
