@@ -2,6 +2,9 @@
 
     qatjax run CONFIG [--quick] [--save PATH]   run a recipe on the digits experiment
     qatjax inspect CHECKPOINT                   per-layer quantization table of a saved model
+    qatjax convert CHECKPOINT OUT               calibrated / trained variables -> served codes
+    qatjax export CHECKPOINT --format safetensors|stablehlo [-o OUT] [--model FILE:NAME
+                  --input SHAPE[:DTYPE] ...]    files that serve without qatjax
 
 ``run`` trains the float digits MLP, applies the recipe file (``configs/*.yaml``:
 ``recipe: ptq|qat``, ``description:``, ``quant:``), and prints the float row and the
@@ -19,8 +22,20 @@ dependencies (optax, scikit-learn, matplotlib, tqdm).
 :func:`qatjax.quant_report`: layer path, formats, weight scale range, activation scale,
 zero point and range, calibration method, saturation rate.
 
+``convert`` loads a checkpoint of calibrated or trained variables, applies
+:func:`qatjax.convert` and saves the served model (weight codes and scales) to ``OUT``.
+``export`` writes the served model as safetensors (:func:`qatjax.export.save_safetensors`,
+the layout in the README) or as a StableHLO artifact (:func:`qatjax.export.export_stablehlo`)
+of the model that ``--model`` names (``path/to/file.py:NAME`` or ``package.module:NAME``: a
+linen or NNX module, or a function or class that returns one when called with no
+arguments, built with the recipe the checkpoint was made with) on inputs of the given shapes
+(``--input 1,64``; ``--input 1,128:int32`` for another dtype; repeat it for several
+arguments), with a symbolic batch dimension; by default the artifact takes its weights as
+inputs and they are written next to it as ``OUT`` with the suffix ``.safetensors``.
+
 Errors the user can fix (missing file, bad YAML, unknown key, existing or unwritable
-``--save`` target, not a checkpoint, a corrupted checkpoint) print one line on stderr and
+``--save`` / ``OUT`` target, not a checkpoint, a corrupted checkpoint, a checkpoint without
+qatjax layers, a ``--model`` that cannot be loaded) print one line on stderr and
 exit with status 2. Ctrl-C prints ``qatjax: interrupted`` and exits with status 130,
 having written nothing (``--save`` writes its file atomically, at the end).
 """
@@ -42,6 +57,9 @@ _EPILOG = """examples:
   qatjax run configs/int8_ptq.yaml --quick
   qatjax run configs/int8_qat.yaml --save int8_qat.msgpack
   qatjax inspect int8_qat.msgpack
+  qatjax convert calibrated.msgpack served.msgpack
+  qatjax export served.msgpack --format safetensors
+  qatjax export served.msgpack --format stablehlo --model serve.py:model --input 1,64
 
 exit status: 0 success, 2 bad arguments, file or config, 130 interrupted (Ctrl-C)."""
 
@@ -60,10 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qatjax",
         description="qatjax: quantization-aware training and post-training calibration for "
-                    "JAX/Flax. Run a quantization recipe on the handwritten-digits example, or "
-                    "inspect the quantization of a saved model.",
+                    "JAX/Flax. Run a quantization recipe on the handwritten-digits example, "
+                    "inspect the quantization of a saved model, convert it for serving and "
+                    "export it as safetensors or StableHLO.",
         epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", metavar="{run,inspect}")
+    sub = parser.add_subparsers(dest="command", metavar="{run,inspect,convert,export}")
     sub.required = True
 
     run = sub.add_parser(
@@ -98,6 +117,47 @@ def build_parser() -> argparse.ArgumentParser:
                     "histogram calibration statistics; a served model, as `qatjax run --save` "
                     "writes, has none and shows -).")
     inspect.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint file or directory")
+
+    convert = sub.add_parser(
+        "convert", help="calibrated or trained variables -> the served model (codes and scales)",
+        description="Load a checkpoint of calibrated or trained variables (qatjax.checkpoint), "
+                    "apply qatjax.convert (float kernels -> integer / fp8 codes and scales, "
+                    "calibration statistics dropped) and save the served model to OUT; "
+                    "mode='infer' on it gives train mode's outputs bit for bit.")
+    convert.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint file or directory")
+    convert.add_argument("out", metavar="OUT", help="served checkpoint to write (must not exist)")
+
+    export = sub.add_parser(
+        "export", help="write the served model as safetensors or a StableHLO artifact",
+        description="Convert a checkpoint (as `qatjax convert`) and write it for serving "
+                    "without qatjax: --format safetensors writes codes, scales and the "
+                    "per-layer recipe (README: 'Export for serving'); --format stablehlo "
+                    "serializes the model's integer inference with jax.export (needs --model "
+                    "and --input); a loader needs only jax.")
+    export.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint file or directory")
+    export.add_argument("--format", required=True, choices=("safetensors", "stablehlo"),
+                        help="what to write")
+    export.add_argument("-o", "--out", metavar="OUT", default=None,
+                        help="file to write (must not exist; default: CHECKPOINT's name with "
+                             "the suffix .safetensors or .jaxexport)")
+    export.add_argument("--model", metavar="FILE:NAME", default=None,
+                        help="stablehlo: the model, as path/to/file.py:NAME or "
+                             "package.module:NAME -- a linen or NNX module, or a function or "
+                             "class returning one when called with no arguments, built with "
+                             "the checkpoint's recipe")
+    export.add_argument("--input", metavar="SHAPE[:DTYPE]", action="append", default=None,
+                        help="stablehlo: an example input's shape (and dtype, default float32), "
+                             "e.g. 1,64 or 1,128:int32; repeat for several arguments")
+    export.add_argument("--polymorphic-shapes", metavar="SPEC", default="b, ...",
+                        help="stablehlo: jax.export shape specification of every input "
+                             "(default 'b, ...': a symbolic batch dimension; 'b, s' adds a "
+                             "sequence length; 'none' for static shapes)")
+    export.add_argument("--weights", choices=("inputs", "constants"), default="inputs",
+                        help="stablehlo: take the weights as inputs, written next to the "
+                             "artifact as safetensors (default), or bake them in")
+    export.add_argument("--platform", action="append", default=None,
+                        help="stablehlo: a lowering platform (cpu, cuda, rocm, tpu); repeat "
+                             "for several (default cpu)")
     return parser
 
 
@@ -152,21 +212,21 @@ def _load_experiment(examples_dir: str | os.PathLike | None = None) -> ModuleTyp
     return module
 
 
-def _check_save_target(path: str) -> None:
-    """Refuses, before the run, a ``--save`` target the end of the run could not write: an
+def _check_save_target(path: str, argname: str = "--save") -> None:
+    """Refuses, before any work, a target the end of the command could not write: an
     existing path, or one whose directory does not exist or does not let us create files."""
     if os.path.lexists(path):
-        raise _UserError(f"--save: {path!r} exists; choose a new path")
+        raise _UserError(f"{argname}: {path!r} exists; choose a new path")
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
-        raise _UserError(f"--save: cannot write {path!r}: {directory!r} is not an existing "
+        raise _UserError(f"{argname}: cannot write {path!r}: {directory!r} is not an existing "
                          "directory")
     try:  # the one reliable test (permissions, ACLs, read-only mounts, root)
         with tempfile.TemporaryFile(dir=directory):
             pass
     except OSError as e:
-        raise _UserError(f"--save: cannot write {path!r}: cannot create a file in {directory!r} "
-                         f"({e.strerror or e})") from None
+        raise _UserError(f"{argname}: cannot write {path!r}: cannot create a file in "
+                         f"{directory!r} ({e.strerror or e})") from None
 
 
 def _run(args: argparse.Namespace) -> None:
@@ -203,19 +263,26 @@ def _run(args: argparse.Namespace) -> None:
               f"{os.path.getsize(args.save):,} bytes)")
 
 
-def _inspect(args: argparse.Namespace) -> None:
-    import qatjax
+def _load_quantized(path: str) -> dict:
+    """The variables of a checkpoint with qatjax layers, or a user error saying why not."""
     from qatjax import checkpoint
 
     try:
-        variables = checkpoint.load(args.checkpoint)
+        variables = checkpoint.load(path)
     except (FileNotFoundError, ValueError, OSError) as e:
         raise _UserError(str(e)) from None
     except Exception as e:  # noqa: BLE001 -- orbax / msgpack raise assorted types on foreign files
-        raise _UserError(f"cannot read checkpoint {args.checkpoint!r}: {type(e).__name__}: {e}") from None
+        raise _UserError(f"cannot read checkpoint {path!r}: {type(e).__name__}: {e}") from None
     if not isinstance(variables, dict) or "quant_params" not in variables:
-        raise _UserError(f"{args.checkpoint}: no qatjax layers (no quant_params collection); "
-                         "is this a qatjax model checkpoint?")
+        raise _UserError(f"{path}: no qatjax layers (no quant_params collection); is this a "
+                         "qatjax model checkpoint?")
+    return variables
+
+
+def _inspect(args: argparse.Namespace) -> None:
+    import qatjax
+
+    variables = _load_quantized(args.checkpoint)
     try:
         report = qatjax.quant_report(variables)
     except (ValueError, KeyError, TypeError, IndexError) as e:
@@ -226,6 +293,136 @@ def _inspect(args: argparse.Namespace) -> None:
     print(report)
 
 
+def _served(variables: dict, path: str) -> tuple[dict, int]:
+    """``(qatjax.convert(variables), number of quantized layers)``, or a user error."""
+    import qatjax
+
+    try:
+        served = qatjax.convert(variables)
+    except (ValueError, KeyError, TypeError) as e:
+        raise _UserError(f"{path}: cannot convert it: {e}") from None
+    return served, len(qatjax.quant_report(served).layers)
+
+
+def _convert(args: argparse.Namespace) -> None:
+    from qatjax import checkpoint
+
+    _check_save_target(args.out, "OUT")
+    print(f"loading {args.checkpoint}")
+    served, n = _served(_load_quantized(args.checkpoint), args.checkpoint)
+    checkpoint.save(args.out, served)
+    print(f"converted {n} quantized layer(s): wrote {args.out} (the served model: weight codes "
+          f"and scales, {os.path.getsize(args.out):,} bytes)")
+
+
+def _parse_input(text: str):
+    """``"1,64"`` / ``"1,128:int32"`` -> a ``jax.ShapeDtypeStruct``."""
+    import jax
+    import numpy as np
+
+    shape_text, _, dtype_text = text.partition(":")
+    try:
+        shape = tuple(int(d) for d in shape_text.split(",") if d.strip())
+        dtype = np.dtype(dtype_text or "float32")
+    except (ValueError, TypeError):
+        raise _UserError(f"--input: {text!r} is not SHAPE[:DTYPE] (e.g. 1,64 or "
+                         "1,128:int32)") from None
+    if not shape or min(shape) < 1:
+        raise _UserError(f"--input: {text!r}: the shape needs positive sizes (e.g. 1,64)")
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def _load_model(spec: str):
+    """The module ``--model`` names: ``path/to/file.py:NAME`` or ``package.module:NAME``, an
+    instance, or a function / class called with no arguments."""
+    import importlib
+
+    from flax import linen as nn
+    from flax import nnx
+
+    source, _, name = spec.rpartition(":")
+    if not source or not name:
+        raise _UserError(f"--model: {spec!r} is not FILE.py:NAME or package.module:NAME")
+    try:
+        if source.endswith(".py"):
+            if not os.path.isfile(source):
+                raise _UserError(f"--model: no such file: {source!r}")
+            module_spec = importlib.util.spec_from_file_location(
+                f"qatjax_cli_model_{Path(source).stem}", source)
+            module = importlib.util.module_from_spec(module_spec)
+            sys.path.insert(0, os.path.dirname(os.path.abspath(source)))
+            try:
+                module_spec.loader.exec_module(module)
+            finally:
+                sys.path.pop(0)
+        else:
+            module = importlib.import_module(source)
+    except _UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- user code: report what it raised, in one line
+        raise _UserError(f"--model: cannot load {source!r}: {type(e).__name__}: {e}") from None
+    if not hasattr(module, name):
+        raise _UserError(f"--model: {source!r} has no {name!r}")
+    model = getattr(module, name)
+    if not isinstance(model, (nn.Module, nnx.Module)) and callable(model):
+        try:
+            model = model()
+        except Exception as e:  # noqa: BLE001
+            raise _UserError(f"--model: calling {spec} with no arguments raised "
+                             f"{type(e).__name__}: {e}") from None
+    if not isinstance(model, (nn.Module, nnx.Module)):
+        raise _UserError(f"--model: {spec} is a {type(model).__name__}, not a flax linen or "
+                         "NNX module")
+    return model
+
+
+def _export(args: argparse.Namespace) -> None:
+    from flax import nnx
+
+    from qatjax import export
+
+    suffix = ".safetensors" if args.format == "safetensors" else ".jaxexport"
+    out = args.out or os.path.splitext(args.checkpoint.rstrip("/\\"))[0] + suffix
+    weights_out = (os.path.splitext(out)[0] + ".safetensors"
+                   if args.format == "stablehlo" and args.weights == "inputs" else None)
+    if weights_out == out:
+        raise _UserError(f"--out: {out!r} would also be the weights file; use another suffix "
+                         "(.jaxexport)")
+    if args.format == "stablehlo":
+        if args.model is None or not args.input:
+            raise _UserError("--format stablehlo needs --model FILE:NAME and --input SHAPE "
+                             "(the model's code and its example input)")
+        inputs = tuple(_parse_input(text) for text in args.input)
+    for target in (out, weights_out):
+        if target is not None:
+            _check_save_target(target, "--out")
+    print(f"loading {args.checkpoint}")
+    served, n = _served(_load_quantized(args.checkpoint), args.checkpoint)
+    if args.format == "safetensors":
+        export.save_safetensors(out, served)
+        print(f"wrote {out}: {n} quantized layer(s), {os.path.getsize(out):,} bytes")
+        return
+    model = _load_model(args.model)
+    nnx_model = isinstance(model, nnx.Module)
+    platforms = tuple(args.platform or ("cpu",))
+    print(f"lowering {type(model).__name__} for {', '.join(platforms)}")
+    shapes = None if args.polymorphic_shapes.lower() == "none" else args.polymorphic_shapes
+    try:
+        if nnx_model:
+            from qatjax.nnx import set_collections
+
+            set_collections(model, served)
+        artifact = export.export_stablehlo(
+            model, inputs, variables=None if nnx_model else served, weights=args.weights,
+            platforms=platforms, polymorphic_shapes=shapes)
+    except Exception as e:  # noqa: BLE001 -- the model does not fit the checkpoint or inputs
+        raise _UserError(f"cannot export {args.model} with the weights of {args.checkpoint}: "
+                         f"{type(e).__name__}: {e}") from None
+    paths = artifact.save(out, weights_out)
+    sizes = ", ".join(f"{p} ({os.path.getsize(p):,} bytes)" for p in paths if p)
+    print(f"wrote {sizes}; load with jax.export.deserialize (README: 'Export for serving')")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``qatjax`` console script; returns the exit status."""
     parser = build_parser()
@@ -234,10 +431,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # --help (0) or a usage error (2, message already printed)
         return int(e.code or 0)
     try:
-        if args.command == "run":
-            _run(args)
-        else:
-            _inspect(args)
+        {"run": _run, "inspect": _inspect, "convert": _convert, "export": _export}[args.command](args)
     except _UserError as e:
         print(f"qatjax: error: {_one_line(str(e))}", file=sys.stderr)
         return 2

@@ -259,3 +259,133 @@ def test_console_script_is_installed_and_errors_cleanly(tmp_path):
     assert proc.returncode == 2
     assert proc.stdout == ""
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("qatjax: error: ")
+
+
+# ----------------------------------------------------------------------------- convert + export
+@pytest.fixture(scope="module")
+def calibrated_digits(tmp_path_factory):
+    """A calibrated (not converted) int8 digits MLP saved with qatjax.checkpoint, and a
+    serve.py naming its model for --model: (checkpoint path, variables, model, serve.py)."""
+    import jax
+
+    import qatjax
+
+    digits = cli._load_experiment()
+    root = tmp_path_factory.mktemp("convert")
+    x = digits.load_data(seed=0).x_train[:96]
+    model = digits.DigitsMLP(config=qatjax.QatConfig())
+    variables = qatjax.calibrate(model, jax.jit(model.init)(jax.random.key(0), x[:1]),
+                                 [x[:48], x[48:]])
+    path = str(root / "calibrated.msgpack")
+    checkpoint.save(path, variables)
+    serve = root / "serve.py"
+    serve.write_text("import qatjax\nfrom digits_experiment import DigitsMLP\n\n"
+                     "model = DigitsMLP(config=qatjax.QatConfig())\n")
+    return path, variables, model, str(serve)
+
+
+def _infer(model, variables, x):
+    import jax
+
+    from qatjax.flax import quant_mode
+
+    with quant_mode("infer"):
+        return np.asarray(jax.jit(model.apply)(variables, x))
+
+
+def test_help_lists_convert_and_export(capsys):
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "qatjax convert" in out and "--format stablehlo" in out
+    assert cli.main(["export", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    for fragment in ("safetensors", "stablehlo", "--model FILE:NAME", "--input SHAPE[:DTYPE]",
+                     "--weights {inputs,constants}", "--platform", "symbolic batch"):
+        assert fragment in out, fragment
+
+
+def test_convert_writes_the_served_model(calibrated_digits, tmp_path, capsys):
+    import qatjax
+
+    path, variables, model, _ = calibrated_digits
+    out = str(tmp_path / "served.msgpack")
+    assert cli.main(["convert", path, out]) == 0
+    printed = capsys.readouterr().out
+    assert f"converted 3 quantized layer(s): wrote {out}" in printed
+    served = checkpoint.load(out)
+    expected = qatjax.convert(variables)
+    assert set(served) == {"params", "quant_params"} == set(expected)
+    for name in ("dense_0", "dense_1", "head"):
+        np.testing.assert_array_equal(served["quant_params"][name]["kernel_codes"],
+                                      expected["quant_params"][name]["kernel_codes"])
+    x = np.random.default_rng(0).random((5, 64), np.float32)
+    np.testing.assert_array_equal(_infer(model, served, x), _infer(model, expected, x))
+    assert cli.main(["convert", path, out]) == 2  # never over an existing file
+    _one_line_error(capsys, "OUT", "exists")
+
+
+def test_export_safetensors_and_stablehlo_end_to_end(calibrated_digits, tmp_path, capsys,
+                                                     monkeypatch):
+    import jax
+
+    import qatjax
+    from qatjax import export
+
+    path, variables, model, serve = calibrated_digits
+    served = qatjax.convert(variables)
+    st = str(tmp_path / "digits.safetensors")
+    assert cli.main(["export", path, "--format", "safetensors", "-o", st]) == 0
+    assert f"wrote {st}: 3 quantized layer(s)" in capsys.readouterr().out
+    loaded = export.load_safetensors(st)
+    for name in ("dense_0", "dense_1", "head"):
+        np.testing.assert_array_equal(loaded["quant_params"][name]["kernel_codes"],
+                                      served["quant_params"][name]["kernel_codes"])
+
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "examples"))  # serve.py imports the example
+    # The weights go next to the artifact (its name, .safetensors): digits.safetensors exists,
+    # so nothing is written.
+    art = str(tmp_path / "digits.jaxexport")
+    stablehlo = ["--format", "stablehlo", "--model", f"{serve}:model", "--input", "1,64"]
+    assert cli.main(["export", path, *stablehlo, "-o", art]) == 2
+    _one_line_error(capsys, "--out", "digits.safetensors", "exists")
+    assert not os.path.exists(art)
+    sub = tmp_path / "pair"
+    sub.mkdir()
+    art = str(sub / "model.jaxexport")
+    assert cli.main(["export", path, *stablehlo, "-o", art]) == 0
+    printed = capsys.readouterr().out
+    assert "lowering DigitsMLP for cpu" in printed and art in printed
+    assert sorted(os.listdir(sub)) == ["model.jaxexport", "model.safetensors"]
+    tensors, _ = export._read_safetensors(str(sub / "model.safetensors"))
+    exported = jax.export.deserialize(open(art, "rb").read())
+    for batch in (1, 6):  # the symbolic batch dimension
+        x = np.random.default_rng(batch).random((batch, 64), np.float32)
+        np.testing.assert_array_equal(np.asarray(exported.call(tensors, x)),
+                                      _infer(model, served, x))
+
+
+def test_export_errors_are_one_line(calibrated_digits, tmp_path, capsys):
+    path, _, _, serve = calibrated_digits
+    out = str(tmp_path / "x.jaxexport")
+    assert cli.main(["export", path, "--format", "stablehlo", "-o", out]) == 2
+    _one_line_error(capsys, "needs --model", "--input")
+    assert cli.main(["export", path, "--format", "stablehlo", "--model", "nope.py:model",
+                     "--input", "1,64", "-o", out]) == 2
+    _one_line_error(capsys, "--model", "no such file")
+    assert cli.main(["export", path, "--format", "stablehlo", "--model", f"{serve}:model",
+                     "--input", "1,x", "-o", out]) == 2
+    _one_line_error(capsys, "--input", "SHAPE[:DTYPE]")
+    assert not os.path.exists(out)
+    assert cli.main(["export", str(tmp_path / "missing.msgpack"), "--format",
+                     "safetensors"]) == 2
+    _one_line_error(capsys, "missing.msgpack")
+    plain = tmp_path / "float.msgpack"
+    checkpoint.save(str(plain), {"params": {"dense": {"kernel": np.ones((2, 2), np.float32)}}})
+    assert cli.main(["export", str(plain), "--format", "safetensors"]) == 2
+    _one_line_error(capsys, "no qatjax layers")
+    assert cli.main(["convert", str(plain), str(tmp_path / "c.msgpack")]) == 2
+    _one_line_error(capsys, "no qatjax layers")
+    st = tmp_path / "w.safetensors"  # a safetensors file is not a checkpoint
+    st.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    assert cli.main(["convert", str(st), str(tmp_path / "c.msgpack")]) == 2
+    _one_line_error(capsys, "w.safetensors")

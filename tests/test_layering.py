@@ -39,18 +39,21 @@ LAYERS = {
     "qatjax.formats": 0,      # number formats (int2..int8, fp8)
     "qatjax.qparams": 1,      # scale / zero point, granularity
     "qatjax.fake_quant": 2,   # quantize, dequantize, fake quantization, STEs
+    "qatjax.blocks": 2,       # block-scaled formats (MX, NVFP4): scales, quantize, fake quant
     "qatjax.packing": 3,      # int4 nibble packing
     "qatjax.calibration": 3,  # observers, histograms, estimators, cross-device reduction
     "qatjax.integer": 4,      # int8 x int8 -> int32 and fp8 x fp8 kernels
     "qatjax.quantizers": 5,   # operand quantizers (weight, activation recipes)
     "qatjax.qdot": 6,         # the quantized dot / conv (forward, STE backward, serving)
     "qatjax.fp8": 7,          # fp8 scaling recipes (imports integer, fake_quant, qparams, formats)
+    "qatjax.ptq": 7,          # SmoothQuant, GPTQ, AWQ weight transforms (over qdot's weight path)
     "qatjax.config": 8,       # QatConfig
     # Front ends.
     "qatjax.flax": 9,         # linen layers, interception, specs and model tools
     "qatjax.nnx": 9,          # NNX drop-ins and model tools (over the linen layers and tools)
     # Tools and the public API.
     "qatjax.checkpoint": 10,
+    "qatjax.export": 10,      # safetensors and StableHLO export (over the front ends' tools)
     "qatjax": 11,             # the package __init__: re-exports the public API
     "qatjax.cli": 12,         # the command line: a consumer of the public API; nothing imports it
 }
