@@ -195,8 +195,8 @@ def test_artifact_symbolic_batch_and_platforms(exported):
     mlp = MLP(qatjax.QatConfig())
     variables = exported["int8_w8a8"][4]
     multi = export.export_stablehlo(mlp, x[:, :1].repeat(16, 1), variables=variables,
-                                    platforms=("cpu", "cuda"), polymorphic_shapes=None)
-    assert multi.exported.platforms == ("cpu", "cuda")
+                                    platforms=("cpu", "cuda", "tpu"), polymorphic_shapes=None)
+    assert multi.exported.platforms == ("cpu", "cuda", "tpu")
     assert multi.exported.in_avals[-1].shape == (1, 16)
 
 
