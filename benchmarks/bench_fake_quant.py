@@ -6,6 +6,10 @@ array, timed alternately with it in the same run. Both read and write 128 MiB
 once, so a ratio near 1 means fake quantization costs no more than the memory
 traffic it cannot avoid.
 
+Block formats (MXFP8, MXFP4, MXINT8, NVFP4, blocks along the last axis) compute their
+block scales from the array in the same call, as training does: one more read of the
+array (NVFP4: two, its per-tensor amax first). Target: within 2.5x of the elementwise op.
+
 Usage::
 
     python benchmarks/bench_fake_quant.py [--size 33554432] [--repeats 11]
@@ -72,9 +76,13 @@ def main() -> None:
         "fp8 e5m2": (qatjax.qparams_from_amax(amax, qatjax.fp8_e5m2), qatjax.fp8_e5m2),
     }
 
+    for fmt in (qatjax.mxfp8_e4m3, qatjax.mxfp4, qatjax.mxint8, qatjax.nvfp4):
+        cases[fmt.name] = (None, fmt)  # block scales computed from x inside the call
+
     floor = jax.jit(lambda v: v * 2.0 + 1.0)
     # The parameters are jit arguments (as in training), not constants folded into the kernel.
-    fq = jax.jit(lambda v, qp, fmt: qatjax.fake_quant(v, qp, fmt), static_argnums=2)
+    fq = jax.jit(lambda v, qp, fmt: (qatjax.block_fake_quant(v, fmt) if fmt.is_block
+                                     else qatjax.fake_quant(v, qp, fmt)), static_argnums=2)
     print(
         f"jax {jax.__version__}, backend {jax.default_backend()}, "
         f"{jax.device_count()} device(s), x: {x.shape} float32 ({x.size:,} elements), "

@@ -41,8 +41,13 @@ stay float32, compute runs in ``--dtype``).
 
 Usage::
 
-    python benchmarks/bench_qat_step.py [--batch 256] [--dim 512] [--dtype float32]
+    python benchmarks/bench_qat_step.py [--batch 256] [--dim 512] [--dtype float32] [--blocks 2]
         [--steps 10] [--repeats 11] [--only float,qatjax-dynamic,...] [--profile]
+
+Beside each time it prints the compiled step's temporary memory (``temp MB``:
+``jit(step).lower(...).compile().memory_analysis().temp_size_in_bytes``) and its ratio to the
+float step's; ``--blocks 12 --batch 2048 --dim 256`` is the memory configuration of the
+issue (12 residual blocks).
 
 ``--profile`` also counts each variant's dot_generals by operand type in its
 compiled HLO, splits each train step's op time by category from a ``jax.profiler``
@@ -150,39 +155,39 @@ def _init(model, x, seed=0):
     return _split(model.init(jax.random.key(seed), x))
 
 
-def make_float(dim, dtype, x, calib):
+def make_float(dim, dtype, x, calib, blocks=2):
     dense = functools.partial(nn.Dense, dtype=dtype, param_dtype=jnp.float32)
-    model = MLPStack(dim, dense)
+    model = MLPStack(dim, dense, num_blocks=blocks)
     return Variant("float", model, *_init(model, x))
 
 
-def _qatjax_stack(dim, dtype, **config) -> MLPStack:
+def _qatjax_stack(dim, dtype, blocks, **config) -> MLPStack:
     """The benchmark model with int8 QatDense layers in train mode; ``config``: QatConfig fields."""
     cfg = QatConfig(weight_format="int8", activation_format="int8", **config)
     dense = functools.partial(QatDense, config=cfg, dtype=dtype, param_dtype=jnp.float32)
-    return MLPStack(dim, dense, (("mode", "train"),))
+    return MLPStack(dim, dense, (("mode", "train"),), num_blocks=blocks)
 
 
-def make_qatjax_dynamic(dim, dtype, x, calib):
-    model = _qatjax_stack(dim, dtype, activation_scaling="dynamic")
+def make_qatjax_dynamic(dim, dtype, x, calib, blocks=2):
+    model = _qatjax_stack(dim, dtype, blocks, activation_scaling="dynamic")
     return Variant("qatjax int8 dynamic", model, *_init(model, x),
                    note="per-channel w, per-tensor absmax x each batch")
 
 
-def make_qatjax_per_token(dim, dtype, x, calib):
-    model = _qatjax_stack(dim, dtype, activation_scaling="dynamic", activation_granularity="per_token")
+def make_qatjax_per_token(dim, dtype, x, calib, blocks=2):
+    model = _qatjax_stack(dim, dtype, blocks, activation_scaling="dynamic", activation_granularity="per_token")
     return Variant("qatjax int8 per-token", model, *_init(model, x),
                    note="as dynamic, one activation scale per token (as AQT and Qwix)")
 
 
-def make_qatjax_original_residuals(dim, dtype, x, calib):
-    model = _qatjax_stack(dim, dtype, activation_scaling="dynamic", original_residuals=True)
+def make_qatjax_original_residuals(dim, dtype, x, calib, blocks=2):
+    model = _qatjax_stack(dim, dtype, blocks, activation_scaling="dynamic", original_residuals=True)
     return Variant("qatjax int8 orig-res", model, *_init(model, x),
                    note="as dynamic, backward on float x and kernel (Qwix's estimator)")
 
 
-def make_qatjax_static(dim, dtype, x, calib):
-    model = _qatjax_stack(dim, dtype, activation_scaling="static", activation_observer="minmax",
+def make_qatjax_static(dim, dtype, x, calib, blocks=2):
+    model = _qatjax_stack(dim, dtype, blocks, activation_scaling="static", activation_observer="minmax",
                           activation_estimator="minmax")
     variables = model.init(jax.random.key(0), x)
     variables = qatjax.calibrate(model, variables, calib)
@@ -192,7 +197,7 @@ def make_qatjax_static(dim, dtype, x, calib):
                    note="per-channel w, calibrated minmax x")
 
 
-def make_aqt(dim, dtype, x, calib):
+def make_aqt(dim, dtype, x, calib, blocks=2):
     from aqt.jax.v2 import config as aqt_config
     from aqt.jax.v2.flax import aqt_flax
 
@@ -201,38 +206,38 @@ def make_aqt(dim, dtype, x, calib):
     cfg = aqt_config.fully_quantized(fwd_bits=8, bwd_bits=None, use_stochastic_rounding=False)
     dg = functools.partial(aqt_flax.AqtDotGeneral, cfg, prng_name=None)
     dense = functools.partial(nn.Dense, dtype=dtype, param_dtype=jnp.float32, dot_general_cls=dg)
-    model = MLPStack(dim, dense)
+    model = MLPStack(dim, dense, num_blocks=blocks)
     return Variant("aqt int8", model, *_init(model, x),
                    note="fully_quantized(fwd_bits=8, bwd_bits=None)")
 
 
-def make_qwix(dim, dtype, x, calib):
+def make_qwix(dim, dtype, x, calib, blocks=2):
     import qwix
 
     dense = functools.partial(nn.Dense, dtype=dtype, param_dtype=jnp.float32)
     provider = qwix.QtProvider([qwix.QtRule(module_path=".*", weight_qtype="int8", act_qtype="int8")])
-    model = qwix.quantize_model(MLPStack(dim, dense), provider)
+    model = qwix.quantize_model(MLPStack(dim, dense, num_blocks=blocks), provider)
     return Variant("qwix int8", model, *_init(model, x),
                    note="QtRule(weight_qtype=int8, act_qtype=int8)")
 
 
-def make_float_attention(dim, dtype, x, calib):
-    model = AttentionStack(dim, dtype)
+def make_float_attention(dim, dtype, x, calib, blocks=2):
+    model = AttentionStack(dim, dtype, num_blocks=blocks)
     return Variant("float attention", model, *_init(model, x), baseline="float-attn",
                    note="2 x (8-head attention + MLP), sequences of 64")
 
 
-def make_qatjax_attention(dim, dtype, x, calib):
+def make_qatjax_attention(dim, dtype, x, calib, blocks=2):
     from qatjax.flax import quantize_model
 
     cfg = QatConfig(activation_scaling="dynamic", activation_granularity="per_token")
-    model = quantize_model(AttentionStack(dim, dtype), cfg, mode="train")
+    model = quantize_model(AttentionStack(dim, dtype, num_blocks=blocks), cfg, mode="train")
     return Variant("qatjax attention int8", model, *_init(model, x), baseline="float-attn",
                    note="quantize_model: projections, MLP and the Q K^T / A V einsums int8, per token")
 
 
 class NnxMLPStack(nnx.Module):
-    """:class:`MLPStack` written in Flax NNX: ``x + Linear(D)(gelu(Linear(4D)(x)))``, twice."""
+    """:class:`MLPStack` written in Flax NNX: ``x + Linear(D)(gelu(Linear(4D)(x)))`` per block."""
 
     def __init__(self, dim: int, dtype, rngs: nnx.Rngs, num_blocks: int = 2):
         linear = functools.partial(nnx.Linear, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
@@ -263,12 +268,12 @@ class NnxVariant(Variant):
             return model(x)
 
 
-def make_float_nnx(dim, dtype, x, calib):
-    return NnxVariant("float nnx", NnxMLPStack(dim, dtype, nnx.Rngs(0)))
+def make_float_nnx(dim, dtype, x, calib, blocks=2):
+    return NnxVariant("float nnx", NnxMLPStack(dim, dtype, nnx.Rngs(0), blocks))
 
 
-def make_qatjax_nnx(dim, dtype, x, calib):
-    model = qnnx.quantize_model(NnxMLPStack(dim, dtype, nnx.Rngs(0)),
+def make_qatjax_nnx(dim, dtype, x, calib, blocks=2):
+    model = qnnx.quantize_model(NnxMLPStack(dim, dtype, nnx.Rngs(0), blocks),
                                 QatConfig(activation_scaling="dynamic"))
     return NnxVariant("qatjax nnx int8 dynamic", model, mode="train",
                       note="qatjax.nnx.quantize_model in place: the dynamic recipe on NNX")
@@ -340,6 +345,15 @@ class Runner:
                                                                self.x, self.y)
         jax.block_until_ready((self.params, self.opt_state, self.loss))
         return (time.perf_counter() - t0) / n
+
+    def temp_bytes(self) -> int | None:
+        """The compiled train step's temporary memory (``memory_analysis().temp_size_in_bytes``:
+        forward, loss, gradient and adam, activations and residuals included; the parameters,
+        optimizer state and batch are arguments, not temporaries); None if the backend does
+        not say."""
+        compiled = self.step.lower(self.params, self.opt_state, self.x, self.y).compile()
+        analysis = compiled.memory_analysis()
+        return None if analysis is None else int(analysis.temp_size_in_bytes)
 
     def hlo(self, compiled: bool = True) -> str:
         lowered = self.step.lower(self.params, self.opt_state, self.x, self.y)
@@ -590,6 +604,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", help="compute dtype (float32, bfloat16...)")
     parser.add_argument("--steps", type=int, default=10, help="steps per timed repeat")
     parser.add_argument("--repeats", type=int, default=11)
+    parser.add_argument("--blocks", type=int, default=2, help="residual blocks in the stacks")
     parser.add_argument("--only", default="", help=f"comma-separated subset of {list(VARIANTS)}")
     parser.add_argument("--profile", action="store_true", help="time the pieces, summarize HLO")
     parser.add_argument("--hlo-dir", default="", help="write each variant's compiled HLO there")
@@ -612,7 +627,7 @@ def main() -> None:
 
     dev = jax.devices()[0]
     print(f"jax {jax.__version__}, backend {jax.default_backend()} ({dev.device_kind}), "
-          f"B={args.batch}, D={args.dim}, {args.dtype}, 2 blocks D->4D->D, adam; "
+          f"B={args.batch}, D={args.dim}, {args.dtype}, {args.blocks} blocks D->4D->D, adam; "
           f"median of {args.repeats} x {args.steps} steps")
 
     runners: dict[str, Runner] = {}
@@ -624,7 +639,7 @@ def main() -> None:
                 skipped.append(f"qatjax int8 static: skipped, {why}")
                 continue
         try:
-            variant = VARIANTS[name](args.dim, dtype, x, calib)
+            variant = VARIANTS[name](args.dim, dtype, x, calib, blocks=args.blocks)
         except ImportError as e:
             if name in MISSING_HINT:
                 skipped.append(f"{MISSING_HINT[name]} [{e}]")
@@ -656,18 +671,25 @@ def main() -> None:
         for name, r in runners.items():
             times[name].append(r.run(args.steps))
 
+    memory = {name: r.temp_bytes() for name, r in runners.items()}
     print(f"{'variant':<22} {'ms/step':>8} {'vs float':>8} {'min ms':>8} {'min vs':>7} "
-          f"{'compile s':>9} {'last loss':>9}  note")
+          f"{'temp MB':>8} {'vs float':>8} {'compile s':>9} {'last loss':>9}  note")
     for name, r in runners.items():
         med, best = statistics.median(times[name]), min(times[name])
         baseline = r.variant.baseline
+        mem = memory[name]
+        mem_text = "       -" if mem is None else f"{mem / 1e6:8.1f}"
         if baseline not in times:
-            ratio = ratio_min = "      -"
+            ratio = ratio_min = mem_ratio = "      -"
         else:  # each ratio divides by its own float baseline (the MLP stack or the attention one)
             ratio = f"{med / statistics.median(times[baseline]):7.2f}x"
             ratio_min = f"{best / min(times[baseline]):6.2f}x"
+            base_mem = memory[baseline]
+            mem_ratio = ("      -" if mem is None or not base_mem
+                         else f"{mem / base_mem:7.3f}x")
         print(f"{r.variant.name:<22} {med * 1e3:8.3f} {ratio} {best * 1e3:8.3f} "
-              f"{ratio_min} {r.compile_s:9.1f} {float(r.loss):9.4f}  {r.variant.note}")
+              f"{ratio_min} {mem_text} {mem_ratio} {r.compile_s:9.1f} {float(r.loss):9.4f}  "
+              f"{r.variant.note}")
     for line in skipped:
         print(line)
 

@@ -16,7 +16,7 @@ import yaml
 
 from qatjax.fake_quant import STE_NAMES
 from qatjax.calibration.aligned_histogram import MAX_NUM_BINS
-from qatjax.formats import Format, as_format
+from qatjax.formats import BlockFormat, Format, as_format
 from qatjax.fp8 import Fp8Quantizer
 from qatjax.quantizers import ActivationQuantizer, WeightQuantizer
 
@@ -35,9 +35,20 @@ AMAX_ALGOS = ("max", "most_recent")
 class QatConfig:
     """Quantization recipe of a layer.
 
+    Block-scaled formats (``"mxfp8_e4m3"``, ``"mxfp8_e5m2"``, ``"mxfp6_e2m3"``,
+    ``"mxfp6_e3m2"``, ``"mxfp4"``, ``"mxint8"``, ``"nvfp4"``, see
+    :class:`qatjax.BlockFormat`) block the operand along its contraction axis and take
+    their scales from each block: a block ``weight_format`` ignores the granularity (refusing
+    ``"per_group"``: its blocks are the groups); a block ``activation_format`` is always
+    dynamic (``activation_scaling`` becomes ``"dynamic"``, no calibration). Both must be
+    symmetric; they exclude ``learnable_scales``, ``fp8_scaling``, ``original_residuals``,
+    ``ste="lsq"`` and per-token activations (blocks are finer). With MXFP8 weights and
+    activations, ``fp8_grad_format`` (E5M2 by default) quantizes the output gradient to MXFP8
+    in the backward pass (:attr:`block_grad_format`).
+
     Attributes:
       weight_format: format of the kernel (``None``: float kernel). Strings such as
-        ``"int8"`` or ``"fp8_e4m3"`` are accepted and converted.
+        ``"int8"``, ``"fp8_e4m3"`` or ``"mxfp4"`` are accepted and converted.
       activation_format: format of the layer input (``None``: weight-only quantization).
       weight_granularity: ``"per_tensor"``, ``"per_channel"`` (one scale per output
         feature) or ``"per_group"`` (blocks of ``weight_group_size`` input features,
@@ -84,7 +95,9 @@ class QatConfig:
         ``"delayed"`` (amax history in the ``fp8_meta`` collection, Transformer Engine
         style). ``None`` (default): fp8 operands use the ordinary static / dynamic scales.
       fp8_grad_format: with ``fp8_scaling``, the format of the output gradient in the
-        backward pass (``"fp8_e5m2"``), or ``None`` to keep gradients in float.
+        backward pass (``"fp8_e5m2"``), or ``None`` to keep gradients in float. With MXFP8
+        weight and activation formats, the element format of the MXFP8 output gradient
+        (blocks of 32 along each backward contraction; None: float gradients).
       amax_history_len: length of the delayed-scaling amax history.
       amax_compute_algo: ``"max"`` (max of the history) or ``"most_recent"``.
       fp8_margin: delayed scaling margin ``m``: ``scale = amax / fp8_max * 2**m``.
@@ -119,6 +132,10 @@ class QatConfig:
             if value is not None:
                 object.__setattr__(self, name, as_format(value, name))
         _check_choice("weight_granularity", self.weight_granularity, GRANULARITIES)
+        if (self.activation_format is not None and self.activation_format.is_block
+                and self.activation_scaling == "static"):
+            # Block scales come from each block of the input itself.
+            object.__setattr__(self, "activation_scaling", "dynamic")
         _check_choice("activation_scaling", self.activation_scaling, ACTIVATION_SCALINGS)
         _check_choice("activation_granularity", self.activation_granularity, ACTIVATION_GRANULARITIES)
         if self.activation_granularity == "per_token" and (
@@ -169,12 +186,13 @@ class QatConfig:
             raise ValueError("QatConfig: learnable_scales needs activation_scaling='static'.")
         if self.weight_format is None and self.activation_format is None:
             raise ValueError("QatConfig: at least one of `weight_format`, `activation_format` must be set.")
+        self._check_block_formats()
         for name in ("weight_format", "activation_format"):
             fmt = getattr(self, name)
             symmetric = getattr(self, name.replace("format", "symmetric"))
             if fmt is not None and fmt.is_float and not symmetric:
                 raise ValueError(f"QatConfig: fp8 `{name}` must be symmetric.")
-            if fmt is not None and not fmt.is_float and not fmt.signed and symmetric:
+            if fmt is not None and not fmt.is_float and not fmt.is_block and not fmt.signed and symmetric:
                 # Symmetric unsigned codes have zero point 0: every negative value becomes 0.
                 sym_name = name.replace("format", "symmetric")
                 raise ValueError(
@@ -202,10 +220,34 @@ class QatConfig:
                 raise ValueError("QatConfig: `original_residuals` does not apply with `fp8_scaling`, "
                                  "whose backward pass has its own fp8 operands.")
 
+    def _check_block_formats(self) -> None:
+        blocked = [name for name in ("weight_format", "activation_format")
+                   if getattr(self, name) is not None and getattr(self, name).is_block]
+        if not blocked:
+            return
+        what = ", ".join(f"{name}={getattr(self, name).name!r}" for name in blocked)
+        if "weight_format" in blocked and self.weight_granularity == "per_group":
+            raise ValueError(f"QatConfig: {what}: a block format's blocks are its groups; drop "
+                             "weight_granularity='per_group' (and weight_group_size).")
+        for name in blocked:
+            if not getattr(self, name.replace("format", "symmetric")):
+                raise ValueError(f"QatConfig: block format `{name}` must be symmetric.")
+        if self.activation_granularity == "per_token":
+            raise ValueError(f"QatConfig: {what}: block formats exclude activation_granularity="
+                             "'per_token'.")
+        for flag, bad in (("learnable_scales", self.learnable_scales),
+                          ("fp8_scaling", self.fp8_scaling is not None),
+                          ("original_residuals", self.original_residuals),
+                          ("ste='lsq'", self.ste == "lsq")):
+            if bad:
+                raise ValueError(f"QatConfig: {what}: block formats exclude `{flag}` (their scales "
+                                 "come from each block and are not learned).")
+
     @property
     def integer_matmul(self) -> bool:
         """True when both operands are integer formats: the forward runs int8 x int8 -> int32."""
         return (self.weight_format is not None and self.activation_format is not None
+                and not self.weight_format.is_block and not self.activation_format.is_block
                 and not self.weight_format.is_float and not self.activation_format.is_float)
 
     @property
@@ -213,6 +255,18 @@ class QatConfig:
         """True when both operands are fp8 formats: the forward runs an fp8 dot_general."""
         return (self.weight_format is not None and self.activation_format is not None
                 and self.weight_format.is_float and self.activation_format.is_float)
+
+    @property
+    def block_grad_format(self) -> BlockFormat | None:
+        """The output gradient's format in the backward pass of MXFP8 training: MXFP8 with
+        ``fp8_grad_format``'s element (E5M2 by default) and the activation format's scale
+        rounding, when both operand formats are MXFP8 and ``fp8_grad_format`` is set; else None."""
+        w, x, g = self.weight_format, self.activation_format, self.fp8_grad_format
+        mxfp8 = lambda f: (f is not None and f.is_block and f.scale_format == "e8m0"  # noqa: E731
+                           and f.element in ("e4m3", "e5m2"))
+        if g is None or not (mxfp8(w) and mxfp8(x)):
+            return None
+        return BlockFormat(g.variant, x.block_size, "e8m0", x.scale_rounding)
 
     def weight_quantizer(self) -> WeightQuantizer | None:
         """The weight recipe as an operand quantizer (None for float weights)."""

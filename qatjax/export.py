@@ -76,6 +76,10 @@ Tensors: one per array of the served variables, named "<collection>/<module path
   quant_params/<layer>/kernel_zero_point  I32, the shape of kernel_scale; absent for symmetric
                                        layers (zeros)
   quant_params/<layer>/input_scale, input_zero_point   F32 / I32 (), static activations
+  block formats (MX, NVFP4): kernel_codes U8 element bit patterns (fp4 two per byte), F8 (MXFP8)
+                             or I8 (MXINT8); kernel_scale the block scales, U8 E8M0 bytes (MX)
+                             or F8_E4M3 (NVFP4), one per block along K; kernel_zero_point F32 ()
+                             the per-tensor scale (NVFP4; 1 for MX)
 Header metadata (strings):
   qatjax.layout      the layout version
   qatjax.layers      JSON {layer path: recipe}: weight_format, granularity, group_size,

@@ -42,7 +42,8 @@ from jax import lax
 from qatjax.formats import Format, as_format
 from qatjax.qparams import SCALE_EPS, QParams, _divide
 
-__all__ = ["quantize", "dequantize", "fake_quant", "ste_mask", "used_zero_point", "STE_NAMES", "lsq_grad_scale"]
+__all__ = ["quantize", "dequantize", "fake_quant", "ste_mask", "used_zero_point", "STE_NAMES", "lsq_grad_scale",
+           "grid_round"]
 
 STE_NAMES = ("identity", "clipped", "lsq")
 
@@ -178,10 +179,18 @@ def _fp8_round(y: jax.Array, fmt: Format) -> jax.Array:
     slower than an elementwise op on the same array; this runs at memory speed.
     """
     info = ml_dtypes.finfo(fmt.storage_dtype)
-    y = jnp.clip(y, -fmt.max, fmt.max)
+    return grid_round(y, info.nmant, info.minexp, fmt.max)
+
+
+def grid_round(y: jax.Array, nmant: int, minexp: int, max_value: float) -> jax.Array:
+    """Round to nearest even onto the grid of a small float format, saturating: float32 in, the
+    float32 values of the format out (:func:`_fp8_round` for any format with ``nmant``
+    mantissa bits, smallest normal exponent ``minexp`` and largest value ``max_value``:
+    fp8, fp6, fp4). NaN stays NaN."""
+    y = jnp.clip(y, -max_value, max_value)
     exponent = lax.bitcast_convert_type(y, jnp.uint32) & np.uint32(0x7F800000)  # 2**e
-    exponent = jnp.maximum(exponent, np.uint32((info.minexp + 127) << 23))
-    step = exponent - np.uint32(info.nmant << 23)
+    exponent = jnp.maximum(exponent, np.uint32((minexp + 127) << 23))
+    step = exponent - np.uint32(nmant << 23)
     inv_step = np.uint32(254 << 23) - step  # biased exponent 127 - k of 2**-k
     step = lax.bitcast_convert_type(step, jnp.float32)
     inv_step = lax.bitcast_convert_type(inv_step, jnp.float32)
@@ -286,6 +295,9 @@ def _check_broadcast(x_shape, p_shape, argname: str, fn: str) -> None:
 
 def _check_args(x, qp, fmt: Format, fn: str):
     """Validates the arguments at trace time; returns ``(x, scale_f32, zero_point)``."""
+    if fmt.is_block:
+        raise ValueError(f"{fn}: {fmt.name} is a block format, whose scales are computed per block "
+                         f"along an axis: use qatjax.block_{fn}(x, fmt, axis=...).")
     if not isinstance(qp, QParams):
         raise TypeError(f"{fn}: `qp` must be a qatjax.QParams, got {type(qp).__name__}.")
     x = jnp.asarray(x)

@@ -35,12 +35,25 @@ GEMM operands contract their last axis: 2x the bf16 rate for int8 / fp8 on Hoppe
 other kernels -- weight-only and mixed formats, einsum kernels, convolution kernels
 ``[*window, C_in, C_out]`` -- keep their own layout (parameters with the contracting
 axes squeezed: ``[N]``, ``[G, N]``, conv ``()`` or ``[C_out]``).
+
+Block-scaled formats (:class:`qatjax.BlockFormat`: MXFP8 / MXFP6 / MXFP4 / MXINT8, NVFP4)
+block each operand along its (single) contracting axis; their parameters are
+:class:`qatjax.BlockScales` with the operand's layout (the block axis shortened to
+``ceil(K / block_size)``), computed from the tensor itself. The weight path is the same
+one: a dense kernel of a block x block contraction is served as ``[N, K]`` codes with
+``[N, G]`` scales (E8M0 bytes, or E4M3 with NVFP4's per-tensor scale), other kernels keep
+their layout. The forward (train and serve alike) dequantizes both operands per block and
+contracts in float32, or, where JAX has ``jax.nn.scaled_matmul`` and the device runs it
+(compute capability 10 or more: MXFP8 and NVFP4 blocks), calls it on the codes. With
+``spec.g_format`` (MXFP8 training) the backward block-quantizes the output gradient (E5M2)
+along each of its two contractions.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import string
 
 import jax
@@ -48,6 +61,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from qatjax.blocks import (BlockScales, block_dequantize, block_fake_quant, block_quantize,
+                           block_ste_mask, decode_elements)
 from qatjax.fake_quant import dequantize, fake_quant, quantize, ste_mask, used_zero_point
 from qatjax.formats import Format
 from qatjax.integer import (DimensionNumbers, canonical_dims, check_contraction, fp8_dot_general,
@@ -70,6 +85,8 @@ __all__ = [
     "decode_weight",
     "to_serving",
     "from_serving",
+    "scaled_matmul_supported",
+    "scaled_matmul_dot",
 ]
 
 
@@ -100,6 +117,9 @@ class DotSpec:
       x_scale_from_data / w_scale_from_data: the operand's parameters come from the tensor
         itself (dynamic scaling), so a NaN or infinity in it already makes them NaN: no
         separate test (see :func:`nan_where_non_finite`).
+      g_format: a block format (MXFP8 E5M2) for the output gradient in the backward pass,
+        blocked along the contraction of each backward product (``dx``: the rhs free axes;
+        ``dw``: the lhs free axes); None keeps it float.
     """
 
     x_format: Format | None
@@ -117,12 +137,21 @@ class DotSpec:
     w_is_activation: bool = False
     x_scale_from_data: bool = False
     w_scale_from_data: bool = False
+    g_format: Format | None = None
+
+    @property
+    def blocked(self) -> bool:
+        """Whether an operand has a block format."""
+        return any(f is not None and f.is_block for f in (self.x_format, self.w_format))
 
     @property
     def native(self) -> str | None:
-        """``"int"`` or ``"fp8"`` when the forward runs a low-precision contraction, else None."""
+        """``"int"``, ``"fp8"`` or ``"block"`` (two block formats) when the forward contracts
+        low-precision codes, else None."""
         if self.x_format is None or self.w_format is None:
             return None
+        if self.blocked:
+            return "block" if self.x_format.is_block and self.w_format.is_block else None
         if not self.x_format.is_float and not self.w_format.is_float:
             return "int"
         if self.x_format.is_float and self.w_format.is_float:
@@ -298,8 +327,14 @@ def encode_weight(w: jax.Array, w_qp: QParams, spec: DotSpec) -> tuple[jax.Array
       codes in the serving layout (1-byte dtype of the format) and serving-form
       parameters: float32 scale, int32 zero point (rounded).
     """
+    perm = spec.serving_perm(w.ndim)
+    if spec.w_format.is_block:  # block scales keep the kernel's rank: permuted like the codes
+        q, scales = block_quantize(w, spec.w_format, _block_axis(spec, w.ndim, "rhs"),
+                                   scales=w_qp)
+        return jnp.transpose(q, perm), BlockScales(jnp.transpose(scales.scale, perm),
+                                                   scales.tensor_scale)
     q = _kernel_codes(w, w_qp, spec)
-    codes = jnp.transpose(q, spec.serving_perm(w.ndim))
+    codes = jnp.transpose(q, perm)
     serving = QParams(jnp.maximum(jnp.asarray(to_serving(w_qp.scale, spec, w.ndim), jnp.float32),
                                   jnp.float32(SCALE_EPS)),  # a learned scale, floored as quantize does
                       used_zero_point(to_serving(w_qp.zero_point, spec, w.ndim), spec.w_format
@@ -310,10 +345,15 @@ def encode_weight(w: jax.Array, w_qp: QParams, spec: DotSpec) -> tuple[jax.Array
 def decode_weight(codes: jax.Array, serving: QParams, spec: DotSpec,
                   dtype: jnp.dtype = jnp.float32) -> jax.Array:
     """Inverse of :func:`encode_weight`: the dequantized kernel ``(codes - zp) * scale`` in
-    the kernel's layout."""
+    the kernel's layout (block formats: ``serving`` is ``(block scales, tensor scale)``, e.g.
+    the ``(kernel_scale, kernel_zero_point)`` of converted variables)."""
     perm = spec.serving_perm(codes.ndim)
     inverse = tuple(int(i) for i in np.argsort(perm))
     q = jnp.transpose(codes, inverse)
+    if spec.w_format.is_block:
+        scale, tensor_scale = serving
+        return block_dequantize(q, BlockScales(jnp.transpose(scale, inverse), tensor_scale),
+                                spec.w_format, _block_axis(spec, q.ndim, "rhs"), dtype)
     w_qp = QParams(*(from_serving(a, spec, q.ndim) for a in serving))
     return _decode_kernel(q, w_qp, spec, dtype)
 
@@ -334,8 +374,9 @@ def _decode_kernel(q: jax.Array, w_qp: QParams, spec: DotSpec, dtype) -> jax.Arr
 
 def _rounded(qp: QParams | None, fmt: Format | None) -> QParams | None:
     """Parameters as the codes use them: a float (learned) zero point as
-    :func:`qatjax.fake_quant.used_zero_point` makes it, ``clip(round(zp), qmin, qmax)``, int32."""
-    if qp is None or fmt is None:
+    :func:`qatjax.fake_quant.used_zero_point` makes it, ``clip(round(zp), qmin, qmax)``, int32
+    (block scales unchanged)."""
+    if qp is None or fmt is None or fmt.is_block:
         return qp
     zp = jnp.asarray(qp.zero_point)
     if jnp.issubdtype(zp.dtype, jnp.floating):
@@ -344,6 +385,15 @@ def _rounded(qp: QParams | None, fmt: Format | None) -> QParams | None:
 
 
 # ----------------------------------------------------------------------------- forward
+
+
+def _block_axis(spec: DotSpec, ndim: int, side: str) -> int:
+    """The block axis of a block-format operand: its single contracting axis."""
+    axes = contracting_axes(spec, ndim, side)
+    if len(axes) != 1:
+        raise ValueError(f"block formats need exactly one contracting axis on the {side} (the "
+                         f"block axis), got {axes}.")
+    return axes[0]
 
 
 def _fq(a, qp, fmt, spec: DotSpec, grad_scale):
@@ -380,6 +430,8 @@ def dot_from_codes(qx: jax.Array, qw: jax.Array, x_qp: QParams | None, w_serving
       x_qp: lhs parameters in operand form (None when ``x_format`` is None).
       w_serving: rhs parameters in serving form (None when ``w_format`` is None).
     """
+    if spec.blocked:
+        return _block_contract(qx, x_qp, qw, w_serving, spec)
     if spec.w_format is None:
         return _contract(qx, _rounded(x_qp, spec.x_format), qw, None, spec.dims(qx.ndim, qw.ndim), spec)
     perm = spec.serving_perm(qw.ndim)
@@ -387,6 +439,97 @@ def dot_from_codes(qx: jax.Array, qw: jax.Array, x_qp: QParams | None, w_serving
     dims = _permuted_dims(spec.dims(qx.ndim, qw.ndim), perm)
     group_axis = None if spec.group_size is None else perm.index(_group_axis(spec, qw.ndim))
     return _contract(qx, _rounded(x_qp, spec.x_format), qw, w_qp, dims, spec, group_axis)
+
+
+def _block_contract(qx, x_qp, qw, w_serving, spec: DotSpec) -> jax.Array:
+    """The forward of a contraction with a block-format operand, on codes (``qw`` in the
+    serving layout): ``jax.nn.scaled_matmul`` where :func:`scaled_matmul_supported`, else
+    both operands dequantized (block formats per block) and contracted in float32 at the
+    highest precision (in the lhs's dtype when it is float)."""
+    perm = spec.serving_perm(qw.ndim)
+    dims = _permuted_dims(spec.dims(qx.ndim, qw.ndim), perm)
+    if scaled_matmul_supported(spec):
+        return scaled_matmul_dot(qx, BlockScales(*x_qp), qw, BlockScales(*w_serving), spec, dims)
+    (lc, rc), _ = dims
+    if spec.x_format is None:
+        a = qx
+    elif spec.x_format.is_block:
+        a = block_dequantize(qx, BlockScales(*x_qp), spec.x_format, lc[0])
+    else:
+        a = dequantize(qx, _rounded(x_qp, spec.x_format), jnp.float32)
+    if spec.w_format is None:
+        b = qw
+    elif spec.w_format.is_block:
+        b = block_dequantize(qw, BlockScales(*w_serving), spec.w_format, rc[0])
+    else:  # (mixed formats serve in the kernel's layout)
+        w_qp = QParams(*(from_serving(p, spec, qw.ndim) for p in w_serving))
+        b = _decode_kernel(qw, _rounded(w_qp, spec.w_format), spec, jnp.float32)
+    return lax.dot_general(a, b.astype(a.dtype), dims, precision=lax.Precision.HIGHEST,
+                           preferred_element_type=jnp.float32)
+
+
+def _scaled_matmul_kind(spec: DotSpec) -> str | None:
+    """``"mxfp8"`` / ``"nvfp4"`` when both operands are block formats that
+    ``jax.nn.scaled_matmul`` takes (MXFP8 E4M3 / E5M2 in blocks of 32; NVFP4), else None."""
+    if spec.native != "block" or isinstance(spec, ConvSpec):
+        return None
+    x, w = spec.x_format, spec.w_format
+    if all(f.element in ("e4m3", "e5m2") and f.scale_format == "e8m0" and f.block_size == 32
+           for f in (x, w)):
+        return "mxfp8"
+    if all(f.element == "e2m1" and f.scale_format == "e4m3" and f.block_size == 16 for f in (x, w)):
+        return "nvfp4"
+    return None
+
+
+def scaled_matmul_supported(spec: DotSpec, backend: str | None = None) -> bool:
+    """Whether the forward of ``spec`` runs ``jax.nn.scaled_matmul`` on the codes: the
+    installed JAX has it, both operands are MXFP8 or both NVFP4 (:func:`_scaled_matmul_kind`),
+    and the backend is a GPU of compute capability 10 or more (Blackwell: cuDNN's block-scaled
+    GEMM). Elsewhere (CPU, Hopper...) the forward dequantizes per block."""
+    if getattr(jax.nn, "scaled_matmul", None) is None or _scaled_matmul_kind(spec) is None:
+        return False
+    if (backend or jax.default_backend()) != "gpu":
+        return False
+    capability = getattr(jax.devices()[0], "compute_capability", None)
+    try:
+        return float(capability) >= 10.0
+    except (TypeError, ValueError):
+        return False
+
+
+def scaled_matmul_dot(qx: jax.Array, x_scales: BlockScales, qw: jax.Array, w_scales: BlockScales,
+                      spec: DotSpec, dims: DimensionNumbers) -> jax.Array:
+    """The block-scaled contraction on codes with ``jax.nn.scaled_matmul``: lhs ``[..., K]``
+    and rhs ``[N, K]`` (the serving layout of a dense kernel) -> float32 ``[..., N]``.
+
+    The codes go in as ``float8_*`` / ``float4_e2m1fn`` and the block scales as
+    ``float8_e8m0fnu`` (the E8M0 bytes reinterpreted) or ``float8_e4m3fn``; a ragged ``K`` is
+    padded with zero codes to whole blocks; NVFP4's per-tensor scales multiply the output.
+    """
+    (lc, rc), (lb, rb) = dims
+    if lb or rb or lc != (qx.ndim - 1,) or rc != (1,) or qw.ndim != 2:
+        raise ValueError("scaled_matmul_dot: expects a dense lhs [..., K] and a rhs [N, K] "
+                         f"contracting their last axes, got dimension numbers {dims}.")
+
+    def operand(q, scales, fmt):
+        values = q if fmt.element in ("e4m3", "e5m2") else decode_elements(q, fmt).astype(
+            jnp.float4_e2m1fn)
+        k = values.shape[-1]
+        blocks = scales.scale.shape[-1]
+        if blocks * fmt.block_size != k:  # zero codes fill the ragged last block
+            values = jnp.pad(values, [(0, 0)] * (values.ndim - 1) + [(0, blocks * fmt.block_size - k)])
+        scale = (lax.bitcast_convert_type(scales.scale, jnp.float8_e8m0fnu)
+                 if fmt.scale_format == "e8m0" else scales.scale)
+        return (values.reshape((1, -1, values.shape[-1])),
+                scale.reshape((1, -1, scale.shape[-1])))
+
+    a, a_scale = operand(qx, x_scales, spec.x_format)
+    b, b_scale = operand(qw, w_scales, spec.w_format)
+    y = jax.nn.scaled_matmul(a, b, a_scale, b_scale, preferred_element_type=jnp.float32)
+    y = y.reshape(qx.shape[:-1] + (qw.shape[0],))
+    return y * (jnp.asarray(x_scales.tensor_scale, jnp.float32)
+                * jnp.asarray(w_scales.tensor_scale, jnp.float32))
 
 
 def _zero_point_is_zero(fmt: Format, symmetric: bool) -> bool:
@@ -418,10 +561,12 @@ def _contract(qx, x_qp, qw, w_qp, dims, spec: DotSpec, group_axis: int | None = 
     if spec.group_size is not None:
         qx, qw, x_scale, x_zp, dims = _group_as_batch(qx, qw, x_scale, x_zp, dims, group_axis,
                                                       spec.group_size)
-    k = int(np.prod([qx.shape[a] for a in dims[0][0]]))
+    k = math.prod(qx.shape[a] for a in dims[0][0])
     if spec.native == "int":
-        check_contraction(k, spec.x_format, spec.w_format,
-                          lhs_symmetric=spec.x_symmetric, rhs_symmetric=spec.w_symmetric)
+        if not jax.export.is_symbolic_dim(k):  # (a symbolic size, as jax.export's shape
+            # polymorphism gives a sequence length, is unknown until the artifact runs)
+            check_contraction(k, spec.x_format, spec.w_format,
+                              lhs_symmetric=spec.x_symmetric, rhs_symmetric=spec.w_symmetric)
         a, za = signed_codes(qx, x_zp, spec.x_format)
         b, zb = signed_codes(qw, w_qp.zero_point, spec.w_format)
         # Symmetric signed codes have a zero point that is statically 0: no correction terms.
@@ -504,13 +649,20 @@ def _kernel_layout_in_training(spec: DotSpec) -> bool:
     codes in the kernel's own layout -- exactly the same int32 result. Layouts that serve
     untransposed are the same either way.
     """
+    if spec.blocked:  # the serving path itself (block scales follow the codes' layout)
+        return False
     if spec.w_format is None or spec.serving_perm(2) == (0, 1):
         return True
     return spec.native == "int" and spec.group_size is None and jax.default_backend() == "cpu"
 
 
 def _encode_lhs(x, x_qp, spec: DotSpec):
-    return x if spec.x_format is None else quantize(x, _rounded(x_qp, spec.x_format), spec.x_format)
+    if spec.x_format is None:
+        return x
+    if spec.x_format.is_block:
+        return block_quantize(x, spec.x_format, _block_axis(spec, x.ndim, "lhs"),
+                              scales=BlockScales(*x_qp))[0]
+    return quantize(x, _rounded(x_qp, spec.x_format), spec.x_format)
 
 
 def _non_finite_rows(a: jax.Array, axes: tuple[int, ...]) -> jax.Array:
@@ -607,14 +759,47 @@ def _qdot_fwd(x, w, x_qp, w_qp, spec, x_dtype, w_dtype):
     if spec.ste == "lsq":  # the scale gradients come from the reference's vjp
         return y, (x, w, x_qp, w_qp)
     clipped = spec.ste == "clipped"
-    x_mask = (ste_mask(x, x_qp, spec.x_format)
+    x_mask = (_operand_mask(x, x_qp, spec.x_format, spec, "lhs")
               if clipped and spec.x_mask and spec.x_format is not None else None)
-    w_mask = (ste_mask(_split(w, spec), w_qp, spec.w_format).reshape(w.shape)
+    w_mask = (_operand_mask(w, w_qp, spec.w_format, spec, "rhs")
               if clipped and spec.w_mask and spec.w_format is not None else None)
     # By default the residuals are the 1-byte codes (and masks), dequantized by the
     # backward right before its contractions.
     operands = (x, w) if spec.original_residuals else (qx, q_kernel)
     return y, (operands, x_qp, w_qp, (x_mask, w_mask))
+
+
+def _operand_mask(a, qp, fmt: Format, spec: DotSpec, side: str) -> jax.Array:
+    """The clipped estimator's mask of an operand (``"rhs"``: the kernel, kernel form)."""
+    if fmt.is_block:
+        return block_ste_mask(a, fmt, _block_axis(spec, a.ndim, side), scales=BlockScales(*qp))
+    if side == "lhs":
+        return ste_mask(a, qp, fmt)
+    return ste_mask(_split(a, spec), qp, fmt).reshape(a.shape)
+
+
+def _decode_operand(q, qp, fmt: Format, spec: DotSpec, side: str, dtype) -> jax.Array:
+    """Dequantized residual codes (the rhs in the kernel's layout, kernel-form parameters)."""
+    if fmt.is_block:
+        return block_dequantize(q, BlockScales(*qp), fmt, _block_axis(spec, q.ndim, side), dtype)
+    if side == "lhs":
+        return dequantize(q, _rounded(qp, fmt), dtype)
+    return _decode_kernel(q, _rounded(qp, fmt), spec, dtype)
+
+
+def _quantized_gradients(g: jax.Array, spec: DotSpec, dims: DimensionNumbers, lhs_ndim: int,
+                         rhs_ndim: int) -> tuple[jax.Array, jax.Array]:
+    """The output gradient block fake-quantized with ``spec.g_format`` for each backward
+    product: ``(for dx, for dw)``, blocked along the last rhs free axis (``dx`` contracts the
+    rhs free axes) and the last lhs free axis (``dw`` contracts the lhs free axes); a side
+    without free axes keeps ``g``. ``g`` is ``[*batch, *lhs_free, *rhs_free]``."""
+    (lc, rc), (lb, _) = dims
+    n_lhs_free = lhs_ndim - len(lc) - len(lb)
+    n_rhs_free = rhs_ndim - len(rc) - len(lb)
+    quantized = lambda axis: block_fake_quant(g, spec.g_format, axis, ste="identity")  # noqa: E731
+    g_dx = quantized(g.ndim - 1) if n_rhs_free else g
+    g_dw = quantized(len(lb) + n_lhs_free - 1) if n_lhs_free else g
+    return g_dx, g_dw
 
 
 def _qdot_bwd(spec, dtype, w_dtype, res, g):
@@ -626,18 +811,22 @@ def _qdot_bwd(spec, dtype, w_dtype, res, g):
     if spec.original_residuals or spec.x_format is None:
         a = a.astype(dtype)
     else:  # x_hat
-        a = dequantize(a, _rounded(x_qp, spec.x_format), dtype)
+        a = _decode_operand(a, x_qp, spec.x_format, spec, "lhs", dtype)
     if spec.original_residuals or spec.w_format is None:
         b = b.astype(dtype)
     else:  # w_hat
-        b = _decode_kernel(b, _rounded(w_qp, spec.w_format), spec, dtype)
+        b = _decode_operand(b, w_qp, spec.w_format, spec, "rhs", dtype)
     if isinstance(spec, ConvSpec):
         _, vjp = jax.vjp(lambda a_, b_: spec.conv(a_, b_, jnp.float32), a, b)
         dx, dw = vjp(g.astype(jnp.float32))
     else:
         dims = spec.dims(a.ndim, b.ndim)
         _, vjp = jax.vjp(lambda a_, b_: lax.dot_general(a_, b_, dims), a, b)
-        dx, dw = vjp(g.astype(dtype))
+        if spec.g_format is None:
+            dx, dw = vjp(g.astype(dtype))
+        else:
+            g_dx, g_dw = _quantized_gradients(g.astype(jnp.float32), spec, dims, a.ndim, b.ndim)
+            dx, dw = vjp(g_dx.astype(dtype))[0], vjp(g_dw.astype(dtype))[1]
     dx, dw = dx.astype(dtype), dw.astype(w_dtype)
     if x_mask is not None:
         dx = jnp.where(x_mask, dx, jnp.zeros_like(dx))
@@ -655,10 +844,28 @@ def _check(x, w, x_qp, w_qp, spec: DotSpec, fn: str) -> None:
         if (fmt is None) != (qp is None):
             raise ValueError(f"{fn}: the {name} parameters must be given exactly when its format "
                              f"is set (format {fmt}, parameters {'None' if qp is None else 'given'}).")
+    if spec.blocked or spec.g_format is not None:
+        _check_block(spec, fn)
     if spec.original_residuals and (spec.native is None or spec.ste == "lsq"):
         raise ValueError(
             f"{fn}: `original_residuals` needs two integer (or two fp8) operands and the "
             f"identity or clipped estimator; got {spec.x_format}, {spec.w_format}, ste={spec.ste!r}.")
+
+
+def _check_block(spec: DotSpec, fn: str) -> None:
+    """What block formats (and a block gradient format) support, checked at trace time."""
+    if isinstance(spec, ConvSpec):
+        raise ValueError(f"{fn}: block formats are not supported for convolutions (got "
+                         f"{spec.x_format}, {spec.w_format}); quantize the convolution with an "
+                         "integer or fp8 format.")
+    if spec.ste not in ("identity", "clipped") or spec.original_residuals or spec.group_size:
+        raise ValueError(f"{fn}: block formats take the 'identity' or 'clipped' estimator, no "
+                         f"original_residuals and no group_size (their blocks are the groups); got "
+                         f"ste={spec.ste!r}, original_residuals={spec.original_residuals}, "
+                         f"group_size={spec.group_size}.")
+    if spec.g_format is not None and not spec.g_format.is_block:
+        raise ValueError(f"{fn}: `g_format` must be a block format (mxfp8_e5m2), got "
+                         f"{spec.g_format}.")
 
 
 def _run(x, w, x_qp, w_qp, spec: DotSpec) -> jax.Array:

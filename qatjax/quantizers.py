@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from qatjax import calibration
+from qatjax.blocks import BlockScales, block_scales
 from qatjax.formats import Format
 from qatjax.qparams import QParams, qparams_from_amax, qparams_from_minmax, split_groups
 
@@ -48,8 +49,9 @@ class WeightQuantizer:
     group_size: int | None = None
     symmetric: bool = True
 
-    def qparams(self, w: jax.Array, contracting: tuple[int, ...]) -> QParams:
-        """Kernel-form parameters of ``w``.
+    def qparams(self, w: jax.Array, contracting: tuple[int, ...]) -> QParams | BlockScales:
+        """Kernel-form parameters of ``w`` (block formats: its :class:`qatjax.BlockScales`
+        along the single contracting axis, whatever the granularity).
 
         Args:
           w: the kernel as the layer uses it (any layout).
@@ -59,6 +61,10 @@ class WeightQuantizer:
             shape ``w.shape`` with ``c`` -> ``(G, 1)``); per tensor gives scalars.
         """
         w = jax.lax.stop_gradient(w)
+        if self.format.is_block:
+            if len(contracting) != 1:
+                raise ValueError(f"block-format weights need one contracting axis, got {contracting}.")
+            return block_scales(w, self.format, contracting[0])
         if self.granularity == "per_tensor":
             axes, keepdims = None, False
         elif self.granularity == "per_group":
@@ -130,14 +136,27 @@ class ActivationQuantizer:
         return QParams(qp.scale.astype(jnp.float32), qp.zero_point.astype(zp_dtype))
 
     def dynamic_qparams(self, x: jax.Array, contracting: tuple[int, ...],
-                        axis_name: str | None = None) -> QParams:
+                        axis_name: str | None = None) -> QParams | BlockScales:
         """Parameters from ``x`` itself: absmax (symmetric) or min / max (affine) of the whole
         tensor, reduced over ``axis_name``, or per token (over ``contracting`` only, size 1
         there; no cross-device reduction: every token is local). A NaN or infinity makes
         the scale it falls under NaN: the whole tensor's per tensor, its row's per token (NaN
         in, NaN out at no extra cost; the contraction's outputs that read it are NaN
-        anyway)."""
+        anyway).
+
+        Block formats: the :class:`qatjax.BlockScales` of ``x`` along its single contracting
+        axis (a NaN or infinity makes its block NaN); NVFP4's per-tensor amax is reduced over
+        ``axis_name``."""
         x = jax.lax.stop_gradient(x)
+        if self.format.is_block:
+            if len(contracting) != 1:
+                raise ValueError(f"block-format activations need one contracting axis, got "
+                                 f"{contracting}.")
+            tensor_amax = None
+            if self.format.scale_format == "e4m3":
+                tensor_amax = jnp.max(jnp.abs(x)).astype(jnp.float32)
+                tensor_amax = tensor_amax if axis_name is None else jax.lax.pmax(tensor_amax, axis_name)
+            return block_scales(x, self.format, contracting[0], tensor_amax=tensor_amax)
         axes = tuple(contracting) if self.per_token else None
         across_devices = axis_name is not None and not self.per_token
 

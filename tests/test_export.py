@@ -64,6 +64,8 @@ CASES = {
         weight_format="int4", weight_granularity="per_group", weight_group_size=8,
         activation_format=None), (16,)),
     "fp8": (MLP, qatjax.QatConfig(weight_format="fp8_e4m3", activation_format="fp8_e4m3"), (16,)),
+    "nvfp4_weight_only": (MLP, qatjax.QatConfig(weight_format="nvfp4", activation_format=None),
+                          (16,)),
     "int8_conv": (ConvNet, qatjax.QatConfig(), (6, 6, 2)),
 }
 

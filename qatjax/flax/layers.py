@@ -39,8 +39,12 @@ Variables:
   versioned, see :mod:`qatjax.flax.specs`; written at init so variables describe
   themselves; QatDenseGeneral adds ``dense_general_spec``, its kernel's shape, QatEinsum
   ``einsum_kernel_axes``, QatConv with a mask ``kernel_mask``), ``input_scale`` and
-  ``input_zero_point`` once calibrated, and after :func:`qatjax.convert` the
-  ``kernel_codes`` with ``kernel_scale`` / ``kernel_zero_point``.
+  ``input_zero_point`` once calibrated, ``input_smoothing`` ``[K]`` after SmoothQuant / AWQ
+  (QatDense, QatDenseGeneral, QatConv: the input is divided by it per input channel in every
+  mode, see :mod:`qatjax.flax.ptq`), and after :func:`qatjax.convert` the
+  ``kernel_codes`` with ``kernel_scale`` / ``kernel_zero_point`` (block formats: the block
+  scales -- E8M0 bytes as uint8, or NVFP4's E4M3 -- and the float32 per-tensor scale, 1 for
+  MX; see :class:`qatjax.BlockScales`).
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ from qatjax import fp8 as fp8_lib
 from qatjax.config import QatConfig
 from qatjax.fake_quant import lsq_grad_scale
 from qatjax.flax import specs
+from qatjax.ptq.smoothquant import smooth_input
 from qatjax.qdot import (ConvSpec, DotSpec, contracting_axes, einsum_dimension_numbers, encode_weight,
                          from_serving, quantized_dot, serve, to_serving)
 from qatjax.qparams import QParams
@@ -154,6 +159,21 @@ class _QuantLayer:
             )
 
     # ------------------------------------------------------------------ activations
+    def _smooth(self, inputs: jax.Array, n_in: int = 1) -> jax.Array:
+        """``inputs / s`` over the ``n_in`` contracted trailing axes when the layer holds
+        ``quant_params/input_smoothing`` ``s`` (float32 ``[K]``, ``K`` = their size; written by
+        SmoothQuant / AWQ, :mod:`qatjax.flax.ptq`, with the kernel rows multiplied by ``s``);
+        ``inputs`` unchanged otherwise. Applied in every mode, before observing or quantizing."""
+        if not self.has_variable("quant_params", "input_smoothing"):
+            return inputs
+        s = self._read("quant_params", "input_smoothing")
+        lead, trail = inputs.shape[:inputs.ndim - n_in], inputs.shape[inputs.ndim - n_in:]
+        k = int(np.prod(trail))
+        if jnp.shape(s) != (k,):
+            raise ValueError(f"{type(self).__name__} {self.path_str()}: quant_params/input_smoothing "
+                             f"has shape {jnp.shape(s)}, but the inputs have {k} input channels.")
+        return smooth_input(inputs.reshape(lead + (k,)), s).reshape(inputs.shape)
+
     def _act_static(self) -> bool:
         act = self.config.activation_quantizer()
         return act is not None and act.static
@@ -239,10 +259,11 @@ class _QuantLayer:
         # Masks are provably all ones for symmetric integer parameters taken from the
         # tensor's own absmax (|round(x / (amax / qmax))| <= qmax): skip computing them.
         w_fmt, x_fmt = cfg.weight_format, cfg.activation_format
-        w_own_absmax = (w_fmt is not None and not w_fmt.is_float and cfg.weight_symmetric
-                        and not cfg.learnable_scales)
-        x_own_absmax = (x_fmt is not None and not x_fmt.is_float and x_fmt.signed
-                        and cfg.activation_symmetric and cfg.activation_scaling == "dynamic")
+        w_own_absmax = (w_fmt is not None and not w_fmt.is_float and not w_fmt.is_block
+                        and cfg.weight_symmetric and not cfg.learnable_scales)
+        x_own_absmax = (x_fmt is not None and not x_fmt.is_float and not x_fmt.is_block
+                        and x_fmt.signed and cfg.activation_symmetric
+                        and cfg.activation_scaling == "dynamic")
         return cls(
             x_format=x_fmt, w_format=w_fmt,
             x_symmetric=cfg.activation_symmetric, w_symmetric=cfg.weight_symmetric,
@@ -251,6 +272,7 @@ class _QuantLayer:
             x_mask=not x_own_absmax, w_mask=not w_own_absmax,
             original_residuals=cfg.original_residuals,
             x_scale_from_data=cfg.activation_scaling == "dynamic" and cfg.fp8_scaling is None,
+            g_format=cfg.block_grad_format,
             **extra)
 
     def _observe_or_finalize(self, inputs: jax.Array, mode: str) -> None:
@@ -434,6 +456,7 @@ class QatDense(_QuantLayer, nn.Dense):
     @nn.compact
     def __call__(self, inputs: jax.Array, mode: str | None = None) -> jax.Array:  # type: ignore[override]
         mode, converted = self._begin(mode)
+        inputs = self._smooth(inputs)
         if mode in ("float", "init", "calibrate", _FINALIZE):
             self._observe_or_finalize(inputs, mode)
             y = nn.Dense.__call__(self, inputs)
@@ -487,6 +510,7 @@ class QatDenseGeneral(_QuantLayer, nn.DenseGeneral):
                 f"for inputs of rank {inputs.ndim}.")
         in_shape = tuple(inputs.shape[-n_in:])
         k_in, n_out = int(np.prod(in_shape)), int(np.prod(features))
+        inputs = self._smooth(inputs, n_in)
         if mode in ("float", "init", "calibrate", _FINALIZE):
             self._observe_or_finalize(inputs, mode)
             y = nn.DenseGeneral.__call__(self, inputs)
@@ -561,6 +585,10 @@ class QatConv(_QuantLayer, nn.Conv):
         if cfg.weight_granularity == "per_group":
             raise ValueError("QatConv: weight_granularity='per_group' is not supported for convolutions; "
                              "use 'per_channel' or 'per_tensor'.")
+        if any(f is not None and f.is_block for f in (cfg.weight_format, cfg.activation_format)):
+            raise ValueError("QatConv: block formats (MX, NVFP4) are not supported for convolutions "
+                             "(their blocks lie along a single contraction axis); use an integer or "
+                             "fp8 format.")
         if cfg.fp8_scaling is not None:
             raise ValueError("QatConv: the fp8 training recipe (fp8_scaling) is implemented for "
                              "QatDense only.")
@@ -569,6 +597,7 @@ class QatConv(_QuantLayer, nn.Conv):
                              "convolution window spans several positions, each with its own scale); "
                              "use 'per_tensor'.")
         kernel_size = (self.kernel_size,) if isinstance(self.kernel_size, int) else tuple(self.kernel_size)
+        inputs = self._smooth(inputs)  # per input channel (the last axis)
         if mode in ("float", "init", "calibrate", _FINALIZE):
             self._observe_or_finalize(inputs, mode)
             y = nn.Conv.__call__(self, inputs)

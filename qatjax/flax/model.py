@@ -12,14 +12,17 @@ from __future__ import annotations
 import dataclasses
 import functools
 import weakref
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from qatjax import calibration
 from qatjax.fake_quant import used_zero_point
 from qatjax.fp8 import Fp8Quantizer
 from qatjax.flax import specs
@@ -65,6 +68,9 @@ def calibrate(
     progress: bool = False,
     reset: bool = True,
     apply_kwargs: Mapping[str, Any] | None = None,
+    mesh: Mesh | None = None,
+    data_axis: str | Sequence[str] | None = None,
+    across_processes: bool = False,
 ) -> dict:
     """Runs ``model`` over ``batches`` in calibrate mode and fills ``quant_params``.
 
@@ -73,6 +79,28 @@ def calibrate(
     ``quant_stats``; after the last batch every layer's estimator turns its statistics
     into scales and zero points (``quant_params``, or ``params`` for LSQ scales).
 
+    Many devices and processes, three ways:
+
+    * Globally sharded batches, no other argument: each step is one ``jit``, which splits
+      the work over the devices the batch lives on; the statistics are those of the global
+      batch (reductions over a sharded axis are global). Layers must not have an
+      ``axis_name``. On many processes, build each batch with
+      ``jax.make_array_from_process_local_data``.
+    * ``mesh`` (and ``data_axis``): each step runs under ``shard_map`` over ``data_axis``
+      (the other mesh axes stay automatic: kernels partitioned with ``nn.with_partitioning``
+      keep their sharding), each device observing its block of the batch's leading axis.
+      For layers created with ``axis_name=data_axis`` (data-parallel models): their
+      observers reduce every batch's statistics over that axis, so every device holds the
+      global statistics. A numpy batch is this process's part of the global batch
+      (assembled with ``jax.make_array_from_process_local_data``); a ``jax.Array`` is the
+      global batch, used as it is. Every process runs the same number of steps.
+    * ``across_processes=True``: each process calibrates on its own batches (any number,
+      also different numbers per process) on its own default device; the statistics are
+      then combined with :func:`qatjax.calibration.reduce_across_processes` (gather, then
+      exact merge) and finalized: every process gets the same parameters, for histogram
+      and min / max observers bit for bit those of one process that saw all the batches
+      (moving averages are averaged, see :mod:`qatjax.calibration.reduce`).
+
     Args:
       model: a Flax module containing qatjax layers.
       variables: its variables; a float checkpoint (``params`` only) is fine.
@@ -80,25 +108,107 @@ def calibrate(
       progress: show a tqdm progress bar.
       reset: start from empty statistics (drop existing ``quant_stats``).
       apply_kwargs: extra keyword arguments for ``model.apply`` (e.g. ``train=False``).
+      mesh: a ``jax.sharding.Mesh`` to run each step under (see above).
+      data_axis: the mesh axis (or tuple of axes) the batch is split over; defaults to the
+        mesh's only axis.
+      across_processes: reduce each process's statistics across processes (see above).
     Returns:
-      A new variables dict with ``quant_stats`` and ``quant_params`` (and LSQ ``params``).
+      A new variables dict with ``quant_stats`` and ``quant_params`` (and LSQ ``params``);
+      with ``mesh``, global arrays replicated over the mesh.
     Raises:
-      ValueError: if ``batches`` is empty, a layer observed no finite value, or the model
-        has no quantization state to calibrate (no qatjax layers; dynamic scales only).
+      ValueError: if ``batches`` is empty, a layer observed no finite value, the model
+        has no quantization state to calibrate (no qatjax layers; dynamic scales only),
+        ``data_axis`` is not an axis of ``mesh``, or a layer with an activation observer
+        does not reduce over ``data_axis``.
     """
     kwargs = dict(apply_kwargs or {})
+    axes = data_axes(mesh, data_axis, across_processes, "calibrate")
     variables = dict(variables)
     if reset:
         variables.pop("quant_stats", None)
-    step = _jitted_apply(model, "calibrate", ("quant_stats",), _freeze_kwargs(kwargs))
+    step = _jitted_apply(model, "calibrate", ("quant_stats",), _freeze_kwargs(kwargs), mesh, axes)
 
     def observe(args: tuple) -> None:
-        variables["quant_stats"] = step(variables, args).get("quant_stats", {})
+        variables["quant_stats"] = step(variables, global_batch(args, mesh, axes)).get(
+            "quant_stats", {})
 
     last = for_each_batch(batches, observe, progress=progress)
-    calibrated = finalize(model, variables, last, apply_kwargs=kwargs)
+    if across_processes:
+        variables["quant_stats"] = calibration.reduce_across_processes(variables["quant_stats"])
+    calibrated = finalize(model, variables, last, apply_kwargs=kwargs, mesh=mesh,
+                          data_axis=data_axis)
     _check_quantized(calibrated, "calibrate")
     return calibrated
+
+
+def data_axes(mesh: Mesh | None, data_axis: str | Sequence[str] | None,
+              across_processes: bool, fn: str) -> tuple[str, ...] | None:
+    """Validates the multi-device arguments of the model tools; returns the data axes as a
+    tuple (None without a mesh).
+
+    Raises:
+      TypeError / ValueError: naming ``mesh``, ``data_axis`` or ``across_processes``.
+    """
+    if not isinstance(across_processes, (bool, np.bool_)):
+        raise TypeError(f"{fn}: `across_processes` must be a bool, got {across_processes!r}.")
+    if mesh is None:
+        if data_axis is not None:
+            raise ValueError(f"{fn}: `data_axis` ({data_axis!r}) needs a `mesh`.")
+        return None
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"{fn}: `mesh` must be a jax.sharding.Mesh, got {type(mesh).__name__}.")
+    if across_processes:
+        raise ValueError(f"{fn}: `mesh` and `across_processes` exclude each other: with a mesh "
+                         "every step is already global; across_processes is for per-process "
+                         "batches.")
+    names = tuple(mesh.axis_names)
+    if data_axis is None:
+        if len(names) != 1:
+            raise ValueError(f"{fn}: `data_axis` is needed with a mesh of several axes {names}: "
+                             "name the axis (or axes) the batch is split over.")
+        return names
+    axes = (data_axis,) if isinstance(data_axis, str) else tuple(data_axis)
+    if not axes or any(a not in names for a in axes) or len(set(axes)) != len(axes):
+        raise ValueError(f"{fn}: `data_axis` must name distinct axes of `mesh` {names}, got "
+                         f"{data_axis!r}.")
+    return axes
+
+
+def _batch_spec(axes: tuple[str, ...]) -> P:
+    """The batch's leading axis split over the data axes."""
+    return P(axes[0] if len(axes) == 1 else axes)
+
+
+def global_batch(args: tuple, mesh: Mesh | None, axes: tuple[str, ...] | None) -> tuple:
+    """A step's arguments as global arrays over ``mesh``: a ``jax.Array`` is taken as the
+    global value, anything else as this process's block of it, split on its leading axis
+    over ``axes`` (``jax.make_array_from_process_local_data``). Without a mesh: ``args``."""
+    if mesh is None:
+        return args
+    sharding = NamedSharding(mesh, _batch_spec(axes))
+    return jax.tree_util.tree_map(
+        lambda a: a if isinstance(a, jax.Array)
+        else jax.make_array_from_process_local_data(sharding, np.asarray(a)), args)
+
+
+def _axes_of(axis_name: Any) -> tuple | None:
+    if axis_name is None:
+        return None
+    return (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
+
+
+def check_layer_axes(path: str, config: Any, axis_name: Any, axes: tuple[str, ...], fn: str
+                     ) -> None:
+    """Refuses a layer whose activation observer would keep per-device statistics under a
+    mesh: static activation scaling with an ``axis_name`` other than the data axes."""
+    act = config.activation_quantizer()
+    if act is not None and act.static and _axes_of(axis_name) != axes:
+        raise ValueError(
+            f"{fn}: with `mesh`, layer {path or '<root>'} must reduce its statistics over "
+            f"`data_axis` {axes if len(axes) > 1 else axes[0]!r}, but has "
+            f"axis_name={axis_name!r}: create its "
+            "layers with that axis_name (QatDense(axis_name=...), quantize_model(axis_name=...)), "
+            "or calibrate without `mesh` on globally sharded batches (jit then splits the work).")
 
 
 def for_each_batch(batches: Iterable[Any], run: Callable[[tuple], None], *,
@@ -124,88 +234,119 @@ def for_each_batch(batches: Iterable[Any], run: Callable[[tuple], None], *,
 
 
 def finalize(model: nn.Module, variables: Variables, sample: Any, *,
-             apply_kwargs: Mapping[str, Any] | None = None) -> dict:
+             apply_kwargs: Mapping[str, Any] | None = None, mesh: Mesh | None = None,
+             data_axis: str | Sequence[str] | None = None) -> dict:
     """Turns accumulated ``quant_stats`` into ``quant_params`` (the last step of :func:`calibrate`).
 
     Use it when the statistics were collected elsewhere, e.g. by ``mode="calibrate"``
-    applies under ``pmap`` / ``shard_map`` with layers given an ``axis_name``.
+    applies under ``pmap`` / ``shard_map`` with layers given an ``axis_name``, or
+    combined with :func:`qatjax.calibration.reduce_across_processes`.
 
     Args:
       model: the Flax module.
       variables: its variables, with ``quant_stats``.
       sample: one input batch (a tuple is unpacked), used only to trace the model.
       apply_kwargs: extra keyword arguments for ``model.apply``.
+      mesh, data_axis: run under ``shard_map`` over the mesh, as :func:`calibrate` does
+        (needed when layers have an ``axis_name``).
     Returns:
       A new variables dict with ``quant_params`` (and LSQ ``params``) filled.
     """
+    axes = data_axes(mesh, data_axis, False, "finalize")
     run = _jitted_apply(model, _FINALIZE, ("quant_params", "params"),
-                        _freeze_kwargs(dict(apply_kwargs or {})))
+                        _freeze_kwargs(dict(apply_kwargs or {})), mesh, axes)
     _check_observed(variables.get("quant_stats", {}))
-    return _merge(variables, run(dict(variables), _as_args(sample)))
+    return _merge(variables, run(dict(variables), global_batch(_as_args(sample), mesh, axes)))
+
+
+def _local_value(a: Any) -> Any:
+    """A global array replicated over processes as this process's copy (readable by numpy);
+    anything else unchanged."""
+    if isinstance(a, jax.Array) and not a.is_fully_addressable:
+        return a.addressable_data(0)
+    return a
 
 
 def _freeze_kwargs(kwargs: Mapping[str, Any]) -> tuple:
     return tuple(sorted(kwargs.items()))
 
 
-def _jitted_apply(model: nn.Module, mode: str, mutable: tuple[str, ...], kwargs: tuple) -> Callable:
+def _jitted_apply(model: nn.Module, mode: str, mutable: tuple[str, ...], kwargs: tuple,
+                  mesh: Mesh | None = None, axes: tuple[str, ...] | None = None) -> Callable:
     """A jitted ``model.apply`` in ``mode`` returning the updated collections, cached per
-    (model, mode, mutable, kwargs) so repeated calibrations of one model compile once.
+    (model, mode, mutable, kwargs, mesh, axes) so repeated calibrations of one model compile
+    once. With a ``mesh``, under ``shard_map`` over ``axes`` (see :func:`_make_jitted_apply`).
 
     Modules that cannot be hashed (an attribute such as a Hugging Face config, a dict or a
     list) are cached by identity for as long as they live (a weak reference: the cache
     keeps no module alive); unhashable ``kwargs`` values are not cached."""
     try:
-        return _jitted_apply_by_value(model, mode, mutable, kwargs)
+        return _jitted_apply_by_value(model, mode, mutable, kwargs, mesh, axes)
     except TypeError:  # "Failed to hash Flax Module", or an unhashable kwargs value
         pass
     try:
         hash((mode, mutable, kwargs))
     except TypeError:
-        return _make_jitted_apply(lambda: model, mode, mutable, kwargs)
+        return _make_jitted_apply(lambda: model, mode, mutable, kwargs, mesh, axes)
     entry = _APPLY_BY_ID.get(id(model))
     if entry is None or entry[0]() is not model:
         try:
             ref = weakref.ref(model, lambda _, key=id(model): _APPLY_BY_ID.pop(key, None))
         except TypeError:  # not weakly referenceable: compile per call
-            return _make_jitted_apply(lambda: model, mode, mutable, kwargs)
+            return _make_jitted_apply(lambda: model, mode, mutable, kwargs, mesh, axes)
         entry = _APPLY_BY_ID[id(model)] = (ref, {})
     ref, runs = entry
-    key = (mode, mutable, kwargs)
+    key = (mode, mutable, kwargs, mesh, axes)
     if key not in runs:
-        runs[key] = _make_jitted_apply(ref, mode, mutable, kwargs)
+        runs[key] = _make_jitted_apply(ref, mode, mutable, kwargs, mesh, axes)
     return runs[key]
 
 
-# id(module) -> (weak reference to it, {(mode, mutable, kwargs): jitted apply}).
+# id(module) -> (weak reference to it, {(mode, mutable, kwargs, mesh, axes): jitted apply}).
 _APPLY_BY_ID: dict[int, tuple[weakref.ref, dict[tuple, Callable]]] = {}
 
 
 def _make_jitted_apply(get_model: Callable[[], nn.Module], mode: str, mutable: tuple[str, ...],
-                       kwargs: tuple) -> Callable:
-    @jax.jit
-    def run(v, args):
+                       kwargs: tuple, mesh: Mesh | None = None,
+                       axes: tuple[str, ...] | None = None) -> Callable:
+    """``run(variables, args)``; with a ``mesh``, under ``shard_map`` over ``axes`` (the other
+    mesh axes automatic): variables replicated, ``args`` split on their leading axis, the
+    updated collections replicated (layers reduce over ``axes``, which is checked)."""
+    def apply(v, args):
         with quant_mode(mode):
             _, upd = get_model().apply(v, *args, mutable=list(mutable), **dict(kwargs))
         return upd
 
-    return run
+    if mesh is None:
+        return jax.jit(apply)
+
+    def check(next_fun, args, kw, context):
+        module = context.module
+        if isinstance(module, _QuantLayer) and context.method_name == "__call__":
+            check_layer_axes(module.path_str(), module.config, module.axis_name, axes, "calibrate")
+        return next_fun(*args, **kw)
+
+    def checked_apply(v, args):
+        with nn.intercept_methods(check):
+            return apply(v, args)
+
+    return jax.jit(calibration.shard_map(checked_apply, mesh=mesh,
+                                         in_specs=(P(), _batch_spec(axes)), out_specs=P(),
+                                         axis_names=set(axes)))
 
 
 @functools.lru_cache(maxsize=64)
-def _jitted_apply_by_value(model: nn.Module, mode: str, mutable: tuple[str, ...], kwargs: tuple
-                           ) -> Callable:
-    return _make_jitted_apply(lambda: model, mode, mutable, kwargs)
+def _jitted_apply_by_value(model: nn.Module, mode: str, mutable: tuple[str, ...], kwargs: tuple,
+                           mesh: Mesh | None, axes: tuple[str, ...] | None) -> Callable:
+    return _make_jitted_apply(lambda: model, mode, mutable, kwargs, mesh, axes)
 
 
 def _check_observed(stats: Mapping[str, Any], path: tuple[str, ...] = ()) -> None:
     """Raises if a layer's activation observer never saw a finite value (its estimate
     would be the traced fallback, a meaningless scale)."""
-    from qatjax.calibration import has_data
-
     for key, value in stats.items():
         if key == "input" and not isinstance(value, Mapping):
-            observed = has_data(value)
+            observed = calibration.has_data(jax.tree_util.tree_map(_local_value, value))
             if isinstance(observed, jax.core.Tracer):
                 continue  # under a trace: the estimators' documented fallback applies
             if not bool(np.all(np.asarray(observed))):
@@ -445,7 +586,8 @@ def _saturation(state: Any, lo: float, hi: float, signed: bool) -> tuple[float |
 
 
 def quant_report(variables: Variables, model: nn.Module | None = None, sample: Any = None, *,
-                 apply_kwargs: Mapping[str, Any] | None = None) -> CalibrationReport:
+                 apply_kwargs: Mapping[str, Any] | None = None, mesh: Mesh | None = None,
+                 data_axis: str | Sequence[str] | None = None) -> CalibrationReport:
     """The per-layer table of a model's quantization (calibrated, trained or converted).
 
     From the variables alone: formats, weight scales, the activation range and
@@ -459,9 +601,15 @@ def quant_report(variables: Variables, model: nn.Module | None = None, sample: A
     einsums) get rows of their own: ``module/einsum0 lhs`` / ``rhs`` for calibrated operands,
     ``module/einsum0`` for dynamic ones. A low saturation rate does not
     mean a small error (clipped outliers can matter); the output error measures it.
+
+    With ``mesh`` (and ``data_axis``), as :func:`calibrate`: the comparison runs under
+    ``shard_map`` over the data axes (for layers with an ``axis_name``), and a layer's output
+    error is the largest over the devices' blocks of ``sample``, the same on every process.
     """
     _check_quantized(variables, "quant_report")
-    errors = {} if model is None else _output_errors(model, variables, sample, apply_kwargs)
+    axes = data_axes(mesh, data_axis, False, "quant_report")
+    errors = ({} if model is None
+              else _output_errors(model, variables, sample, apply_kwargs, mesh, axes))
     return report_with_errors(variables, errors)
 
 
@@ -469,6 +617,7 @@ def report_with_errors(variables: Variables, errors: Mapping[str, float]) -> Cal
     """:func:`quant_report`'s table with output errors measured elsewhere (by the NNX front
     end): ``errors`` maps a layer's or an intercepted contraction's path to its error."""
     _check_quantized(variables, "quant_report")
+    variables = jax.tree_util.tree_map(_local_value, variables)
     errors = dict(errors)
     rows = []
     for path, _ in _layers(variables):
@@ -529,7 +678,8 @@ def _intercepted_rows(variables: Variables) -> Iterable[tuple[str, LayerReport]]
 
 
 def _output_errors(model: nn.Module, variables: Variables, sample: Any,
-                   apply_kwargs: Mapping[str, Any] | None) -> dict[str, float]:
+                   apply_kwargs: Mapping[str, Any] | None, mesh: Mesh | None = None,
+                   axes: tuple[str, ...] | None = None) -> dict[str, float]:
     """``{layer or contraction path: output error}`` on ``sample`` (see :func:`quant_report`)."""
     if sample is None:
         raise ValueError("quant_report: `model` needs a `sample` batch to measure output errors.")
@@ -556,11 +706,17 @@ def _output_errors(model: nn.Module, variables: Variables, sample: Any,
         module.sow("quant_report", "output_error", relative_error(y, y_float))
         return y_float
 
-    @jax.jit
-    def run(v, args):
+    def errors_of(v, args):
         with quant_mode(_COMPARE), nn.intercept_methods(compare):
             _, state = model.apply(v, *args, mutable=["quant_report"], **dict(apply_kwargs or {}))
-        return state.get("quant_report", {})
+        state = state.get("quant_report", {})
+        # under a mesh: the worst device's block, on every device
+        return state if mesh is None else jax.tree_util.tree_map(
+            lambda e: jax.lax.pmax(e, axes), state)
+
+    run = jax.jit(errors_of if mesh is None else calibration.shard_map(
+        errors_of, mesh=mesh, in_specs=(P(), _batch_spec(axes)), out_specs=P(),
+        axis_names=set(axes)))
 
     errors = {}
 
@@ -570,9 +726,10 @@ def _output_errors(model: nn.Module, variables: Variables, sample: Any,
                 walk(value, path + (key,))
             else:  # sown values: a tuple of one error per call (shared layers are called more)
                 where = path + ((key[:-len("_output_error")],) if key != "output_error" else ())
-                errors["/".join(where)] = float(np.max(np.asarray(jnp.stack(value))))
+                errors["/".join(where)] = float(
+                    np.max([np.asarray(_local_value(e)) for e in value]))
 
-    walk(flax.core.unfreeze(run(dict(variables), _as_args(sample))), ())
+    walk(flax.core.unfreeze(run(dict(variables), global_batch(_as_args(sample), mesh, axes))), ())
     return errors
 
 
@@ -608,8 +765,10 @@ def _layer_report(label: str, layer: Mapping[str, Mapping[str, Any]]) -> LayerRe
 
 def calibrate_model(model: nn.Module, variables: Variables, batches: Iterable[Any],
                     **kwargs: Any) -> tuple[dict, CalibrationReport]:
-    """:func:`calibrate`, then :func:`quant_report` with each layer's output error on the
-    last calibration batch: ``(variables, report)``."""
+    """:func:`calibrate` (same keyword arguments), then :func:`quant_report` with each
+    layer's output error on the last calibration batch: ``(variables, report)``. With
+    ``mesh`` the report runs under it too; with ``across_processes`` each process measures
+    the errors on its own last batch."""
     seen = []
 
     def remember(it):
@@ -619,7 +778,8 @@ def calibrate_model(model: nn.Module, variables: Variables, batches: Iterable[An
 
     variables = calibrate(model, variables, remember(batches), **kwargs)
     return variables, quant_report(variables, model, seen[0],
-                                   apply_kwargs=kwargs.get("apply_kwargs"))
+                                   apply_kwargs=kwargs.get("apply_kwargs"),
+                                   mesh=kwargs.get("mesh"), data_axis=kwargs.get("data_axis"))
 
 
 def convert(variables: Variables) -> dict:

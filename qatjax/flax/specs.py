@@ -12,8 +12,9 @@ everything (no indices into tuples) and carries the descriptor version ``"v"``:
 
 * ``kernel_spec``: ``{"v": 1, "format": "int8", "granularity": "per_channel",
   "group_size": null, "symmetric": true}``; ``format`` is a format name
-  (:func:`qatjax.formats.format_from_name`: ``"int4"``, ``"uint8"``, ``"fp8_e4m3"``...)
-  or ``null`` for a float kernel; ``granularity`` one of
+  (:func:`qatjax.formats.format_from_name`: ``"int4"``, ``"uint8"``, ``"fp8_e4m3"``, block
+  formats such as ``"mxfp4"``, ``"mxfp8_e4m3_ceil"``, ``"nvfp4"``...) or ``null`` for a float
+  kernel; ``granularity`` one of
   :data:`qatjax.config.GRANULARITIES`.
 * ``input_spec``: ``{"v": 1, "format": "int8", "symmetric": true, "scaling": "static",
   "estimator": "entropy"}``; ``scaling`` one of :data:`INPUT_SCALINGS`, ``estimator``

@@ -18,7 +18,10 @@ from typing import Any
 import flax.linen as nn
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
+from qatjax import calibration
 from qatjax.config import QatConfig
 from qatjax.flax import model as linen_model
 from qatjax.flax.layers import _COMPARE, _FINALIZE, MODES, quant_mode
@@ -209,34 +212,55 @@ def _drop_in(node: nnx.Module, cfg: QatConfig, mode: str | None, axis_name: str 
     return layer
 
 
-@functools.partial(nnx.jit, static_argnames=("mode", "kwargs"))
-def _run_in_mode_jitted(model: nnx.Module, args: tuple, *, mode: str, kwargs: tuple) -> Any:
-    with quant_mode(mode):
-        return model(*args, **dict(kwargs))
+def _mode_call(mode: str, kwargs: Mapping[str, Any], mesh: Mesh | None,
+               axes: tuple[str, ...] | None):
+    """``call(model, args)``: the model in ``mode``; with a ``mesh``, under ``nnx.shard_map``
+    over ``axes`` (model replicated, ``args`` split on their leading axis, other mesh axes
+    automatic), returning nothing (the calls are for their state updates)."""
+    def call(m, a):
+        with quant_mode(mode):
+            out = m(*a, **kwargs)
+        return out if mesh is None else None
+
+    if mesh is None:
+        return call
+    return nnx.shard_map(call, mesh=mesh, in_specs=(P(), linen_model._batch_spec(axes)),
+                         out_specs=P(), axis_names=set(axes))
 
 
-def _run_in_mode(model: nnx.Module, mode: str, args: tuple, kwargs: Mapping[str, Any]) -> Any:
-    """``model(*args, **kwargs)`` in ``mode`` under ``nnx.jit``: compiled once per model
-    structure, mode and keyword arguments (which must then be hashable; others are traced
-    anew on every call)."""
+@functools.partial(nnx.jit, static_argnames=("mode", "kwargs", "mesh", "axes"))
+def _run_in_mode_jitted(model: nnx.Module, args: tuple, *, mode: str, kwargs: tuple,
+                        mesh: Mesh | None, axes: tuple[str, ...] | None) -> Any:
+    return _mode_call(mode, dict(kwargs), mesh, axes)(model, args)
+
+
+def _run_in_mode(model: nnx.Module, mode: str, args: tuple, kwargs: Mapping[str, Any],
+                 mesh: Mesh | None = None, axes: tuple[str, ...] | None = None) -> Any:
+    """``model(*args, **kwargs)`` in ``mode`` under ``nnx.jit`` (and ``shard_map`` over a
+    ``mesh``): compiled once per model structure, mode, keyword arguments (which must then be
+    hashable; others are traced anew on every call) and mesh."""
     frozen = tuple(sorted(kwargs.items()))
     try:
         hash(frozen)
     except TypeError:
-        @nnx.jit
-        def run(m, a):
-            with quant_mode(mode):
-                return m(*a, **kwargs)
-
-        return run(model, args)
-    return _run_in_mode_jitted(model, args, mode=mode, kwargs=frozen)
+        return nnx.jit(_mode_call(mode, kwargs, mesh, axes))(model, args)
+    return _run_in_mode_jitted(model, args, mode=mode, kwargs=frozen, mesh=mesh, axes=axes)
 
 
 def calibrate(model: nnx.Module, batches: Iterable[Any], *, progress: bool = False,
-              reset: bool = True, call_kwargs: Mapping[str, Any] | None = None) -> nnx.Module:
+              reset: bool = True, call_kwargs: Mapping[str, Any] | None = None,
+              mesh: Mesh | None = None, data_axis: str | Sequence[str] | None = None,
+              across_processes: bool = False) -> nnx.Module:
     """Runs ``model`` over ``batches`` in calibrate mode, then turns every layer's statistics
     into its activation parameters (:class:`~qatjax.nnx.QuantParams`; LSQ scales as
     ``nnx.Param``), in place.
+
+    Many devices and processes as :func:`qatjax.calibrate`: globally sharded batches work
+    as they are (layers without ``axis_name``); ``mesh`` / ``data_axis`` run every call under
+    ``nnx.shard_map`` over the data axes for layers created with ``axis_name=data_axis``
+    (numpy batches are this process's part of the global batch); ``across_processes=True``
+    combines each process's statistics (any number of batches each) exactly with
+    :func:`qatjax.calibration.reduce_across_processes` before finalizing.
 
     Args:
       model: an NNX model with qatjax layers (drop-ins or :func:`quantize_model`).
@@ -244,15 +268,26 @@ def calibrate(model: nnx.Module, batches: Iterable[Any], *, progress: bool = Fal
       progress: show a tqdm progress bar.
       reset: start from empty statistics.
       call_kwargs: extra keyword arguments of every call (e.g. ``deterministic=True``).
+      mesh: a ``jax.sharding.Mesh`` to run the calls under.
+      data_axis: the mesh axis (or axes) the batch is split over; defaults to the mesh's
+        only axis.
+      across_processes: reduce each process's statistics across processes.
     Returns:
       ``model``.
     Raises:
-      ValueError: no batches, no qatjax layer, or a layer that observed no finite value.
+      ValueError: no batches, no qatjax layer, a layer that observed no finite value,
+        ``data_axis`` not an axis of ``mesh``, or (with ``mesh``) a layer with an activation
+        observer whose ``axis_name`` is not ``data_axis``.
     """
+    axes = linen_model.data_axes(mesh, data_axis, across_processes, "calibrate")
     layers = quantized_layers(model)
     if not layers:
         raise ValueError("calibrate: the model has no qatjax layers (QatLinear, QatConv, ... or "
                          "qatjax.nnx.quantize_model).")
+    if mesh is not None:
+        for path, layer in layers:
+            linen_model.check_layer_axes(_path_str(path), layer.config, layer.axis_name, axes,
+                                         "calibrate")
     kwargs = dict(call_kwargs or {})
     if reset:  # observers are created afresh by the next call
         for path, _ in nnx.to_flat_state(nnx.state(model, QuantStats)):
@@ -260,10 +295,19 @@ def calibrate(model: nnx.Module, batches: Iterable[Any], *, progress: bool = Fal
             for key in path[:-1]:
                 owner = owner[key] if isinstance(key, int) else getattr(owner, key)
             delattr(owner, path[-1])
-    last = linen_model.for_each_batch(
-        batches, lambda args: _run_in_mode(model, "calibrate", args, kwargs), progress=progress)
+
+    def observe(args: tuple) -> None:
+        _run_in_mode(model, "calibrate", linen_model.global_batch(args, mesh, axes), kwargs,
+                     mesh, axes)
+
+    last = linen_model.for_each_batch(batches, observe, progress=progress)
+    if across_processes:
+        stats = nnx.state(model, QuantStats)
+        nnx.replace_by_pure_dict(
+            stats, calibration.reduce_across_processes(nnx.to_pure_dict(stats)))
+        nnx.update(model, stats)
     linen_model._check_observed(collections(model).get("quant_stats", {}))
-    _run_in_mode(model, _FINALIZE, last, kwargs)
+    _run_in_mode(model, _FINALIZE, linen_model.global_batch(last, mesh, axes), kwargs, mesh, axes)
     return model
 
 
