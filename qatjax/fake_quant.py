@@ -42,7 +42,7 @@ from jax import lax
 from qatjax.formats import Format, as_format
 from qatjax.qparams import SCALE_EPS, QParams, _divide
 
-__all__ = ["quantize", "dequantize", "fake_quant", "ste_mask", "used_zero_point", "STE_NAMES", "lsq_grad_scale",
+__all__ = ["quantize", "dequantize", "fake_quant", "align_varying", "ste_mask", "used_zero_point", "STE_NAMES", "lsq_grad_scale",
            "grid_round"]
 
 STE_NAMES = ("identity", "clipped", "lsq")
@@ -129,7 +129,41 @@ def fake_quant(
         raise ValueError(
             f"fake_quant: `grad_scale` must be a positive float, 'auto' or None, got {grad_scale!r}."
         )
-    return _fake_quant(fmt, ste, float(grad_scale), x, scale, zero_point)
+    return _fake_quant(fmt, ste, float(grad_scale), *align_varying(x, scale, zero_point))
+
+
+def align_varying(*trees):
+    """``trees`` with every array made to vary over the same manual mesh axes.
+
+    Inside ``shard_map`` (with its default ``check_vma=True``) each value records the mesh
+    axes it varies over: a replicated kernel or scale varies over none, a batch shard over
+    the data axis. A ``custom_vjp`` must return cotangents that vary exactly as its inputs,
+    but the cotangent of a replicated kernel computed from a sharded batch varies over the
+    data axis. Casting every input to the union of their axes (``lax.pcast(...,
+    to="varying")``, ``lax.pvary`` on older jax) before the ``custom_vjp`` makes the types
+    agree, and JAX's own transpose of that cast sums the cotangent over the axes it added:
+    the gradient a plain ``dot_general`` gets. Outside ``shard_map`` (or on a jax without
+    varying types) the trees are returned unchanged.
+    """
+    typeof = getattr(jax, "typeof", None)
+    leaves, treedef = jax.tree_util.tree_flatten(trees)
+    if typeof is None or not leaves:
+        return trees
+    vmas = [_varying_axes(typeof(a)) for a in leaves]
+    union = frozenset().union(*vmas)
+    if not union:
+        return trees
+    cast = ((lambda a, axes: lax.pcast(a, axes, to="varying")) if hasattr(lax, "pcast")
+            else lax.pvary)
+    leaves = [cast(a, tuple(union - v)) if union - v else a for a, v in zip(leaves, vmas)]
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _varying_axes(aval) -> frozenset:
+    """The manual mesh axes an abstract value varies over (``aval.manual_axis_type.varying``
+    on jax >= 0.9, ``aval.vma`` before)."""
+    manual = getattr(aval, "manual_axis_type", None)
+    return frozenset(manual.varying if manual is not None else getattr(aval, "vma", ()))
 
 
 def lsq_grad_scale(num_elements: int, fmt: Format) -> float:

@@ -47,7 +47,7 @@ from jax import lax
 
 import dataclasses
 
-from qatjax.fake_quant import quantize
+from qatjax.fake_quant import align_varying, quantize
 from qatjax.formats import FloatFormat
 from qatjax.qdot import DotSpec, dot_from_codes, encode_weight, nan_where_non_finite
 from qatjax.qparams import QParams
@@ -158,7 +158,6 @@ def _cast(x: jax.Array, scale: jax.Array, fmt: FloatFormat) -> jax.Array:
     return quantize(x, QParams(scale, jnp.zeros((), jnp.int32)), fmt)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
 def fp8_dot(x, kernel, x_scale, w_scale, x_fmt, w_fmt, g_fmt, g_margin, axis_name):
     """``x @ kernel`` with fp8 operands, forward and backward.
 
@@ -176,6 +175,12 @@ def fp8_dot(x, kernel, x_scale, w_scale, x_fmt, w_fmt, g_fmt, g_margin, axis_nam
       float32 ``[..., N]``: the fp8 contraction of the codes, ``q(x) . q(kernel)``, scaled by
       ``x_scale * w_scale`` (:func:`qatjax.qdot.dot_from_codes`).
     """
+    return _fp8_dot(*align_varying(x, kernel, x_scale, w_scale), x_fmt, w_fmt, g_fmt, g_margin,
+                    axis_name)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+def _fp8_dot(x, kernel, x_scale, w_scale, x_fmt, w_fmt, g_fmt, g_margin, axis_name):
     return _fp8_forward(x, kernel, x_scale, w_scale, x_fmt, w_fmt)[0]
 
 
@@ -218,4 +223,4 @@ def _fp8_dot_bwd(x_fmt, w_fmt, g_fmt, g_margin, axis_name, res, g):
             jnp.zeros_like(w_scale))
 
 
-fp8_dot.defvjp(_fp8_dot_fwd, _fp8_dot_bwd)
+_fp8_dot.defvjp(_fp8_dot_fwd, _fp8_dot_bwd)

@@ -63,7 +63,7 @@ from jax import lax
 
 from qatjax.blocks import (BlockScales, block_dequantize, block_fake_quant, block_quantize,
                            block_ste_mask, decode_elements)
-from qatjax.fake_quant import dequantize, fake_quant, quantize, ste_mask, used_zero_point
+from qatjax.fake_quant import align_varying, dequantize, fake_quant, quantize, ste_mask, used_zero_point
 from qatjax.formats import Format
 from qatjax.integer import (DimensionNumbers, canonical_dims, check_contraction, fp8_dot_general,
                             int_dot_general, signed_codes, to_output)
@@ -869,7 +869,8 @@ def _check_block(spec: DotSpec, fn: str) -> None:
 
 
 def _run(x, w, x_qp, w_qp, spec: DotSpec) -> jax.Array:
-    return _qdot(x, w, x_qp, w_qp, spec, jnp.dtype(x.dtype), jnp.dtype(w.dtype))
+    dtypes = jnp.dtype(x.dtype), jnp.dtype(w.dtype)
+    return _qdot(*align_varying(x, w, x_qp, w_qp), spec, *dtypes)
 
 
 def quantized_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers,

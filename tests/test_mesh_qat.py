@@ -44,15 +44,20 @@ class Net(nn.Module):
 def _loss_and_grads(model, params, meta, x, y):
     def loss_fn(p):
         out, upd = model.apply({"params": p, "fp8_meta": meta}, x, mutable=["fp8_meta"])
-        return jnp.mean((out - y) ** 2), (upd["fp8_meta"], out)
+        loss = jnp.mean((out - y) ** 2)
+        if model.axis_name is not None:  # the global batch's mean
+            loss = jax.lax.pmean(loss, model.axis_name)
+        return loss, (upd["fp8_meta"], out)
 
     (loss, (meta, out)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     return loss, grads, meta, out
 
 
 def _data_parallel(params, meta, x, y):
-    loss, grads, meta, out = _loss_and_grads(Net("data"), params, meta, x, y)
-    return jax.lax.pmean(loss, "data"), jax.lax.pmean(grads, "data"), meta, out
+    # Under shard_map's default check_vma, the replicated kernels' gradients are summed over
+    # "data" by the transpose of their implicit broadcast (the quantized contractions' custom
+    # gradients declare how their operands vary): the gradient of the global mean loss.
+    return _loss_and_grads(Net("data"), params, meta, x, y)
 
 
 def _problem():
@@ -89,11 +94,8 @@ def test_data_and_tensor_parallel_qat_steps_equal_one_device():
     batch = NamedSharding(mesh, P("data"))
 
     reference = _two_steps(jax.jit(functools.partial(_loss_and_grads, Net())), params, meta, x, y)
-    # check_vma=False: the gradients of the replicated kernels are per-device partial sums,
-    # averaged explicitly (pmean) as in a pmap data-parallel step.
     dp = jax.jit(shard_map(_data_parallel, mesh=mesh, in_specs=(P(), P(), P("data"), P("data")),
-                           out_specs=(P(), P(), P(), P("data")), axis_names={"data"},
-                           check_vma=False))
+                           out_specs=(P(), P(), P(), P("data")), axis_names={"data"}))
     tp = jax.jit(functools.partial(_loss_and_grads, Net()))
     runs = {"data parallel": _two_steps(dp, sharded, meta, x, y),
             "tensor parallel": _two_steps(tp, sharded, meta, jax.device_put(x, batch),
