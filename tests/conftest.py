@@ -1,4 +1,5 @@
-"""Test configuration: 8 forced CPU devices for the multi-device tests.
+"""Test configuration: 8 forced CPU devices for the multi-device tests, and one persistent
+compilation cache per test session.
 
 The flag must be set before jax starts its backend, which is why it lives here,
 the first file pytest imports.
@@ -27,3 +28,22 @@ import sys  # noqa: E402
 EXAMPLES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 if EXAMPLES_DIR not in sys.path:
     sys.path.append(EXAMPLES_DIR)
+
+# One persistent compilation cache per test session, shared by the xdist workers: many tests
+# compile the same programs (the digits MLP's training and serving steps under several
+# recipes, the examples' quick runs), which jit's in-memory cache does not reuse across
+# function objects or processes. A cache hit loads the very executable a compilation would
+# produce, so results are unchanged. Fresh per session (the run id names it): never stale.
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+_CACHE_ROOT = os.path.join(tempfile.gettempdir(), "qatjax-test-xla-cache")
+for _old in (os.listdir(_CACHE_ROOT) if os.path.isdir(_CACHE_ROOT) else ()):  # earlier sessions'
+    _path = os.path.join(_CACHE_ROOT, _old)
+    if time.time() - os.path.getmtime(_path) > 6 * 3600:
+        shutil.rmtree(_path, ignore_errors=True)
+_CACHE_DIR = os.path.join(_CACHE_ROOT, os.environ.get("PYTEST_XDIST_TESTRUNUID", f"pid{os.getpid()}"))
+jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
