@@ -126,6 +126,16 @@ RECIPES: tuple[Recipe, ...] = (
     Recipe("dynamic per-tensor", DYNAMIC, "einsum"),
     Recipe("dynamic per-token", PER_TOKEN, "dense"),
     Recipe("dynamic per-token", PER_TOKEN, "einsum"),
+    # Block-scaled formats (issue 14) on the Dense layers, against integers at about the same
+    # bits per weight (MXFP8: 8.25, MXFP4: 4.25, NVFP4: 4.5, int4 in groups of 32: 5).
+    Recipe("MXFP8 W+A", QatConfig(weight_format="mxfp8_e4m3", activation_format="mxfp8_e4m3"),
+           "dense"),
+    Recipe("MXFP4 weight-only", QatConfig(weight_format="mxfp4", activation_format=None), "dense"),
+    Recipe("NVFP4 weight-only", QatConfig(weight_format="nvfp4", activation_format=None), "dense"),
+    Recipe("int4 g32 weight-only", QatConfig(weight_format="int4", weight_granularity="per_group",
+                                             weight_group_size=32, activation_format=None), "dense"),
+    Recipe("int4 per-channel weight-only", QatConfig(weight_format="int4", activation_format=None),
+           "dense"),
 )
 
 

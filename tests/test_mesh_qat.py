@@ -119,3 +119,54 @@ def test_data_and_tensor_parallel_qat_steps_equal_one_device():
                 np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7,
                                            err_msg=where)
         assert results[0][1]["dyn"]["kernel"].sharding.spec == P(None, "model"), name
+
+
+def test_nnx_data_parallel_qat_step_equals_one_device():
+    """The same for an NNX model (a QatLinear drop-in): a functional data-parallel step
+    (nnx.split / nnx.merge) under shard_map with the dynamic scales pmax-reduced over
+    "data"."""
+    from flax import nnx
+
+    import qatjax.nnx as qnnx
+
+    class NnxNet(nnx.Module):
+        def __init__(self, axis_name, rngs):
+            self.dyn = qnnx.QatLinear(8, 16, config=DYNAMIC, axis_name=axis_name, mode="train",
+                                      rngs=rngs)
+
+        def __call__(self, x):
+            return self.dyn(x)
+
+    _, _, x, y = _problem()
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "model"))
+
+    models = {name: nnx.split(NnxNet(name, nnx.Rngs(0)), nnx.Param, ...) for name in (None, "data")}
+
+    def loss_and_grads(axis_name, params, x, y):
+        graphdef, _, rest = models[axis_name]
+
+        def loss_fn(p):
+            out = nnx.merge(graphdef, p, rest)(x)
+            loss = jnp.mean((out - y[:, :1]) ** 2)
+            return (jax.lax.pmean(loss, axis_name) if axis_name else loss), out
+
+        (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return loss, grads, out
+
+    params = models[None][1]
+    reference = jax.jit(functools.partial(loss_and_grads, None))(params, x, y)
+    dp = jax.jit(shard_map(functools.partial(loss_and_grads, "data"), mesh=mesh,
+                           in_specs=(P(), P("data"), P("data")), out_specs=(P(), P(), P("data")),
+                           axis_names={"data"}))
+    loss, grads, out = dp(params, x, y)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(reference[2]))
+    np.testing.assert_allclose(float(loss), float(reference[0]), rtol=1e-6)
+    for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(reference[1])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+    # The test can fail: without the pmax over "data", each device quantizes its own block of
+    # the batch (each has another range) and the outputs differ.
+    local = jax.jit(shard_map(functools.partial(loss_and_grads, None), mesh=mesh,
+                              in_specs=(P(), P("data"), P("data")),
+                              out_specs=(P(), P(), P("data")), axis_names={"data"},
+                              check_vma=False))(params, x, y)[2]
+    assert not np.array_equal(np.asarray(local), np.asarray(reference[2]))
