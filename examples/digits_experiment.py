@@ -308,6 +308,13 @@ def _train_step(model, mode, tx, params, other, opt_state, x, y):
     return optax.apply_updates(params, updates), {**other, **state}, opt_state, loss
 
 
+@functools.lru_cache(maxsize=None)
+def _adam(learning_rate: float) -> optax.GradientTransformation:
+    """One optimizer object per learning rate: ``_train_step`` takes it as a static argument,
+    so every ``train`` with the same model, mode and rate reuses one compiled step."""
+    return optax.adam(learning_rate)
+
+
 def train(model: nn.Module, variables: Mapping[str, Any], data: Data, *, mode: str, epochs: int,
           learning_rate: float, batch_size: int = 32, seed: int = 0, progress: bool = False,
           desc: str = "train") -> dict:
@@ -321,7 +328,7 @@ def train(model: nn.Module, variables: Mapping[str, Any], data: Data, *, mode: s
     if getattr(model, "config", None) is not None and model.config.fp8_scaling == "delayed" \
             and mode == "train":
         other.setdefault("fp8_meta", {})  # created by the first step
-    tx = optax.adam(learning_rate)
+    tx = _adam(learning_rate)
     opt_state = tx.init(params)
     rng = np.random.default_rng(seed)
     bar = tqdm(range(epochs), desc=desc, unit="epoch", disable=not progress, leave=False)
