@@ -1,6 +1,7 @@
 """Flax (linen) layers of qatjax: ``QatDense``, ``QatDenseGeneral``, ``QatConv``, ``QatEinsum``, the
 ``quant_mode`` context and ``quantize_model`` (swap the layers of an existing model
-without editing it), and the linen model tools (:mod:`qatjax.flax.model`).
+without editing it), the linen model tools (:mod:`qatjax.flax.model`) and quantization-aware
+distillation against the float model (:func:`distiller`, :mod:`qatjax.flax.distill`).
 
 Importing it registers the core's dataclass states (the histogram observer's) with
 ``flax.serialization``, so variables holding them save and restore as Flax
@@ -11,10 +12,18 @@ import dataclasses
 import flax.serialization
 
 from qatjax.calibration.aligned_histogram import HistogramState
+from qatjax.flax.distill import (
+    Distiller,
+    DistillState,
+    distiller,
+    embedding_distance,
+    logit_distance,
+)
 from qatjax.flax.intercept import quantize_model
 from qatjax.flax.layers import MODES, QatConv, QatDense, QatDenseGeneral, QatEinsum, quant_mode
 
-__all__ = ["QatDense", "QatDenseGeneral", "QatConv", "QatEinsum", "quant_mode", "quantize_model", "MODES"]
+__all__ = ["QatDense", "QatDenseGeneral", "QatConv", "QatEinsum", "quant_mode", "quantize_model", "MODES",
+           "DistillState", "Distiller", "distiller", "embedding_distance", "logit_distance"]
 
 
 def _dataclass_to_state_dict(state) -> dict:
