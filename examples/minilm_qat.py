@@ -36,11 +36,15 @@ state, frozen variables, loss history, elapsed time) goes to
 from it bit for bit (the batch of step ``i`` is a function of ``i``). The loss curves are
 saved to ``OUT/minilm_qat_loss.png`` and the table to ``OUT/minilm_qat_results.txt``.
 
-Starting from another PTQ method (GPTQ, AWQ, SmoothQuant) is one argument: :func:`run_recipe`
-takes ``start(lsq_model, float_params, calibration_batches) -> variables``, any variables of
-the LSQ student whose ``params`` hold the kernels and scales train mode reads -- e.g. the
-result of ``qatjax.flax.ptq.gptq`` on the calibrated LSQ model, which writes the dequantized
-kernel and the GPTQ scales there (not run here).
+``--from gptq|awq|smoothquant`` starts QAT from that post-training method instead
+(:func:`method_start`), applied to the LSQ student with the start variant's calibration: GPTQ
+(act-order) writes the dequantized kernel and the GPTQ scales into ``params``, so step 0
+serves the GPTQ codes; AWQ (scales and clipping) and SmoothQuant (``alpha=0.8`` on the layers
+reading a LayerNorm output) rescale the kernels and set the layers' ``input_smoothing``, then
+the activations are re-calibrated. The method's own served result is a PTQ row of the table.
+More generally :func:`run_recipe` takes ``start(lsq_model, float_params, calibration_batches)
+-> variables``: any variables of the LSQ student whose ``params`` hold the kernels and scales
+train mode reads.
 
 ``--tiny`` runs the same pipeline on a small random-weight BERT (no download; the test suite
 runs it).
@@ -66,6 +70,7 @@ import qatjax
 from qatjax import QatConfig
 from qatjax.flax import (
     Distiller,
+    ptq,
     DistillState,
     distiller,
     embedding_distance,
@@ -92,6 +97,7 @@ __all__ = [
     "lsq_start",
     "main",
     "make_distiller",
+    "method_start",
     "plot_losses",
     "ptq_rows",
     "recovered",
@@ -376,11 +382,11 @@ def _quantize(model: nn.Module, variant: Variant, lsq: bool) -> nn.Module:
     return quantize_model(model, config, rules=variant.rules)
 
 
-def _calibrate(qmodel: nn.Module, variant: Variant, params: dict, calib: list) -> dict:
-    """Calibrated variables (static activations), else the weight descriptors only."""
+def _calibrate(qmodel: nn.Module, variant: Variant, variables: dict, calib: list) -> dict:
+    """Calibrated ``variables`` (static activations), else with the weight descriptors only."""
     if variant.config.activation_format is not None and variant.static:
-        return qatjax.calibrate(qmodel, {"params": params}, calib)
-    return qatjax.finalize(qmodel, {"params": params}, calib[0])
+        return qatjax.calibrate(qmodel, variables, calib)
+    return qatjax.finalize(qmodel, variables, calib[0])
 
 
 def ptq_rows(model: nn.Module, params: dict, recipe: Recipe, calib: list, eval_batch: tuple,
@@ -390,7 +396,7 @@ def ptq_rows(model: nn.Module, params: dict, recipe: Recipe, calib: list, eval_b
     rows, stats = [], {}
     for v in recipe.variants:
         qmodel = _quantize(model, v, lsq=False)
-        variables = _calibrate(qmodel, v, params, calib)
+        variables = _calibrate(qmodel, v, {"params": params}, calib)
         if "quant_stats" in variables:
             stats[v.name] = variables["quant_stats"]
         emb, diff = served_embeddings(qmodel, variables, eval_batch)
@@ -408,13 +414,51 @@ def lsq_start(model: nn.Module, variant: Variant, stats: dict | None = None
 
     def start(qm: nn.Module, params: dict, calib: list) -> dict:
         if stats is None:
-            variables = _calibrate(qm, variant, params, calib)
+            variables = _calibrate(qm, variant, {"params": params}, calib)
         else:
             variables = qatjax.finalize(qm, {"params": params, "quant_stats": stats}, calib[0])
         variables.pop("quant_stats", None)  # train mode and serving do not read them
         return variables
 
     return qmodel, start
+
+
+# The layers reading a LayerNorm output (query / key / value, intermediate): SmoothQuant's.
+LN_OUTPUT_LAYERS = r"layer_\d+/(attention/(query|key|value)|intermediate)"
+PTQ_METHODS = ("gptq", "awq", "smoothquant")
+
+
+def method_start(method: str, variant: Variant, default_start: Callable[..., dict]
+                 ) -> Callable[[nn.Module, dict, list], dict]:
+    """A ``start(lsq_model, float_params, calib) -> variables`` of :func:`run_recipe` from a
+    post-training method (one of :data:`PTQ_METHODS`) on the LSQ student of ``variant``:
+
+    * ``"gptq"``: :func:`qatjax.flax.ptq.gptq` (act-order) on ``default_start``'s variables
+      (the variant's calibration); step 0 serves the GPTQ codes;
+    * ``"awq"``: :func:`qatjax.flax.ptq.awq` (scales and clipping), then the variant's
+      calibration of the rescaled model;
+    * ``"smoothquant"`` (static activations only): :func:`qatjax.flax.ptq.smoothquant` with
+      ``alpha=0.8`` on :data:`LN_OUTPUT_LAYERS`, then the variant's calibration.
+    """
+    if method not in PTQ_METHODS:
+        raise ValueError(f"method_start: `method` must be one of {PTQ_METHODS}, got {method!r}.")
+    if method == "smoothquant" and variant.config.activation_format is None:
+        raise ValueError(f"method_start: SmoothQuant needs quantized activations; variant "
+                         f"{variant.name!r} is weight-only.")
+
+    def start(qm: nn.Module, params: dict, calib: list) -> dict:
+        if method == "gptq":
+            return ptq.gptq(qm, default_start(qm, params, calib), calib, act_order=True)
+        if method == "awq":
+            rescaled = ptq.awq(qm, {"params": params}, calib)
+        else:
+            rescaled = ptq.smoothquant(qm, {"params": params}, calib, alpha=0.8,
+                                       layers=LN_OUTPUT_LAYERS)
+        variables = _calibrate(qm, variant, rescaled, calib)
+        variables.pop("quant_stats", None)  # train mode and serving do not read them
+        return variables
+
+    return start
 
 
 # ----------------------------------------------------------------------------- training
@@ -520,13 +564,15 @@ def recovered(qat: float, ptq: float) -> float:
 
 def run_recipe(model: nn.Module, params: dict, recipe: Recipe, calib: list, train_data: dict,
                eval_batch: tuple, float_emb: np.ndarray, settings: Settings, *,
-               start_variant: str | None = None,
+               start_variant: str | None = None, method: str | None = None,
                start: Callable[[nn.Module, dict, list], dict] | None = None,
                out: str | None = None, resume: bool = False, progress: bool = True
                ) -> tuple[list[Row], Run]:
     """PTQ rows of ``recipe``, then QAT from ``start_variant`` (default: the best static PTQ
-    variant by mean cosine) and its row. ``start`` overrides how the starting variables are
-    made (e.g. from GPTQ / AWQ / SmoothQuant): ``start(lsq_model, float_params, calib)``."""
+    variant by mean cosine) and its row. ``method`` (one of :data:`PTQ_METHODS`) starts from
+    that post-training method on the variant instead (:func:`method_start`; its served result
+    is one more PTQ row); ``start`` overrides how the starting variables are made:
+    ``start(lsq_model, float_params, calib) -> variables``."""
     rows, stats = ptq_rows(model, params, recipe, calib, eval_batch, float_emb)
     static = {r.name: r for r in rows if r.static}
     if start_variant is None:
@@ -536,7 +582,15 @@ def run_recipe(model: nn.Module, params: dict, recipe: Recipe, calib: list, trai
         raise ValueError(f"run_recipe: `start_variant` must be one of {sorted(static)}, "
                          f"got {start_variant!r}.")
     qmodel, default_start = lsq_start(model, variant, stats.get(variant.name))
+    label = variant.name.removeprefix("PTQ ")
+    if method is not None:
+        start = start or method_start(method, variant, default_start)
+        label = f"{method} + {label}"
     variables = (start or default_start)(qmodel, params, calib)
+    if method is not None:  # the method's own post-training result, served
+        emb, diff = served_embeddings(qmodel, variables, eval_batch)
+        c = cosines(emb, float_emb)
+        rows.append(Row(recipe.name, f"PTQ {label}", float(c.min()), float(c.mean()), diff))
     steps = settings.steps_for(recipe.slug)
     dist = make_distiller(qmodel, model, params, steps, settings)
     checkpoint = None if out is None else os.path.join(out, f"minilm_qat_{recipe.slug}.msgpack")
@@ -544,8 +598,8 @@ def run_recipe(model: nn.Module, params: dict, recipe: Recipe, calib: list, trai
                    resume=resume, progress=progress, desc=f"QAT {recipe.slug}")
     emb, diff = served_embeddings(qmodel, dist.variables(result.state), eval_batch)
     c = cosines(emb, float_emb)
-    rows.append(Row(recipe.name, f"QAT from {variant.name.removeprefix('PTQ ')}, "
-                                 f"{steps} steps", float(c.min()), float(c.mean()), diff))
+    rows.append(Row(recipe.name, f"QAT from {label}, {steps} steps", float(c.min()),
+                    float(c.mean()), diff))
     return rows, result
 
 
@@ -600,8 +654,8 @@ def plot_losses(runs: dict[str, Run], path: str) -> str:
 
 def run(model: nn.Module, params: dict, tokenizer: minilm.WordPieceTokenizer, *,
         settings: Settings = FULL, recipes: Sequence[Recipe] = RECIPES, out: str = "out",
-        resume: bool = False, start_variant: str | None = None, progress: bool = True
-        ) -> tuple[list[Row], dict[str, Run]]:
+        resume: bool = False, start_variant: str | None = None, method: str | None = None,
+        progress: bool = True) -> tuple[list[Row], dict[str, Run]]:
     """The whole experiment: prints the table, writes the plot, the table and checkpoints to
     ``out``; returns the rows and the training runs by recipe slug."""
     t_start = time.perf_counter()
@@ -624,7 +678,8 @@ def run(model: nn.Module, params: dict, tokenizer: minilm.WordPieceTokenizer, *,
     for recipe in recipes:
         recipe_rows, runs[recipe.slug] = run_recipe(
             model, params, recipe, calib, train_data, eval_batch, float_emb, settings,
-            start_variant=start_variant, out=out, resume=resume, progress=progress)
+            start_variant=start_variant, method=method, out=out, resume=resume,
+            progress=progress)
         rows += recipe_rows
         r = runs[recipe.slug]
         print(f"{recipe.name}: {settings.steps_for(recipe.slug)} steps in {r.seconds:.0f} s "
@@ -649,6 +704,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--start", default=None,
                         help="the PTQ variant QAT starts from, e.g. 'PTQ minmax' (default: the "
                              "best static one by mean cosine)")
+    parser.add_argument("--from", dest="method", choices=PTQ_METHODS, default=None,
+                        help="start QAT from this post-training method on the --start variant")
     parser.add_argument("--steps", type=int, default=None, help="steps for every recipe")
     parser.add_argument("--tiny", action="store_true",
                         help="a small random-weight BERT instead of the pretrained model")
@@ -664,7 +721,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, {os.cpu_count()} CPUs; "
           f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     run(model, params, tokenizer, settings=settings, recipes=recipes, out=args.out,
-        resume=args.resume, start_variant=args.start, progress=not args.no_progress)
+        resume=args.resume, start_variant=args.start, method=args.method,
+        progress=not args.no_progress)
     print(f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     return 0
 

@@ -15,7 +15,8 @@ import pytest
 
 import qatjax
 from qatjax import QatConfig
-from qatjax.flax import distiller, embedding_distance, logit_distance, quant_mode, quantize_model
+from qatjax.flax import (distiller, embedding_distance, logit_distance, ptq, quant_mode,
+                         quantize_model)
 
 
 # ----------------------------------------------------------------------------- losses
@@ -147,6 +148,46 @@ def test_the_teacher_defaults_to_the_student_module_in_float_mode(mlp_run):
     assert float(explicit.loss(state, held_out)) == float(dist.loss(state, held_out))
 
 
+@pytest.mark.parametrize("method", ["smoothquant", "awq"])
+def test_distillation_starts_from_a_rescaling_ptq_method_and_serves_what_it_trains(method):
+    """W4A8 LSQ from SmoothQuant or AWQ's result: the layers' ``input_smoothing`` (frozen,
+    in ``quant_params``) is carried through training, the start serves the method's model,
+    the distance falls, and the trained model serves bit for bit what train mode computes."""
+    model = _MLP()
+    x = jax.random.normal(jax.random.key(0), (192, 24)) * jnp.linspace(0.2, 6.0, 24)  # outliers
+    float_params = model.init(jax.random.key(1), x[:1])["params"]
+    config = QatConfig(weight_format="int4", activation_format="int8", learnable_scales=True)
+    qmodel = quantize_model(model, config)
+    calib = [x[:64], x[64:128]]
+    transform = {"smoothquant": lambda: ptq.smoothquant(qmodel, {"params": float_params}, calib,
+                                                        alpha=0.8),
+                 "awq": lambda: ptq.awq(qmodel, {"params": float_params}, calib)}[method]
+    start = qatjax.calibrate(qmodel, transform(), calib)
+    start.pop("quant_stats")
+    smoothing = start["quant_params"]["up"]["input_smoothing"]
+    assert not np.allclose(smoothing, 1.0)
+    dist = distiller(qmodel, {"params": float_params}, optax.adam(3e-4))
+    state = dist.init(start)
+    held_out = x[128:]
+    before = float(dist.loss(state, held_out))
+    for i in range(16):
+        state, _ = dist.step(state, x[32 * (i % 4):32 * (i % 4 + 1)])
+    after = dist.variables(state)
+    assert float(dist.loss(state, held_out)) < 0.95 * before
+    np.testing.assert_array_equal(after["quant_params"]["up"]["input_smoothing"], smoothing)
+
+    def served(variables, mode):
+        with quant_mode(mode):
+            return qmodel.apply(qatjax.convert(variables) if mode == "infer" else variables,
+                                held_out)
+
+    np.testing.assert_array_equal(served(after, "infer"), served(after, "train"))
+    # Step 0 is the method's post-training model: the loss is its served distance.
+    ref = model.apply({"params": float_params}, held_out)
+    np.testing.assert_allclose(np.mean(minilm_qat.cosines(served(start, "infer"), ref)),
+                               1.0 - before, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- the example
 TINY = minilm_qat.TINY  # 4 steps, checkpoints every 2
 
@@ -218,6 +259,39 @@ def test_the_example_end_to_end_on_a_tiny_bert(tiny, tmp_path, capsys):
     assert os.path.isfile(tmp_path / "minilm_qat_w4a8.msgpack")
     assert os.path.getsize(tmp_path / "minilm_qat_loss.png") > 0
     assert "recovered" in (tmp_path / "minilm_qat_results.txt").read_text()
+
+
+def test_the_example_starts_qat_from_gptq_codes(tiny):
+    """``--from gptq``: the LSQ start converts to the codes GPTQ gives the plain quantized
+    model (QAT continues from them), and the table has the GPTQ row and QAT from it, both
+    served bit-identical to train mode."""
+    model, params, tok, data = tiny
+    w4 = minilm_qat.RECIPES[1]
+    variant = w4.variants[0]  # int4 per-channel symmetric
+    calib = [(data["input_ids"][i:i + 8], data["attention_mask"][i:i + 8]) for i in (0, 8)]
+    qmodel, default_start = minilm_qat.lsq_start(model, variant)
+    start = minilm_qat.method_start("gptq", variant, default_start)(qmodel, params, calib)
+    plain = quantize_model(model, variant.config, rules=variant.rules)
+    served = ptq.gptq(plain, qatjax.finalize(plain, {"params": params}, calib[0]), calib,
+                      act_order=True)
+    for layer in ("query", "value"):
+        np.testing.assert_array_equal(
+            qatjax.convert(start)["quant_params"]["layer_0"]["attention"][layer]["kernel_codes"],
+            served["quant_params"]["layer_0"]["attention"][layer]["kernel_codes"])
+    ev = tok(minilm.EVALUATION_SENTENCES[:8])
+    eval_batch = (ev["input_ids"], ev["attention_mask"])
+    float_emb = np.asarray(model.apply({"params": params}, *eval_batch))
+    rows, _ = minilm_qat.run_recipe(model, params, dataclasses.replace(w4, variants=(variant,)),
+                                    calib, data, eval_batch, float_emb,
+                                    dataclasses.replace(TINY, steps=(("w4", 2),)), method="gptq",
+                                    progress=False)
+    assert [r.name for r in rows] == ["PTQ minmax symmetric", "PTQ gptq + minmax symmetric",
+                                      "QAT from gptq + minmax symmetric, 2 steps"]
+    assert all(r.infer_vs_train == 0.0 for r in rows)
+    with pytest.raises(ValueError, match="weight-only"):
+        minilm_qat.method_start("smoothquant", variant, default_start)
+    with pytest.raises(ValueError, match="`method`"):
+        minilm_qat.method_start("hqq", variant, default_start)
 
 
 def test_recovered_fraction():
