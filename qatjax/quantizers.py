@@ -19,7 +19,11 @@ history, is :class:`qatjax.fp8.Fp8Quantizer` (beside the fp8 contraction it feed
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import contextvars
 import dataclasses
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -30,7 +34,35 @@ from qatjax.blocks import BlockScales, block_scales
 from qatjax.formats import Format
 from qatjax.qparams import QParams, qparams_from_amax, qparams_from_minmax, split_groups
 
-__all__ = ["WeightQuantizer", "ActivationQuantizer"]
+__all__ = ["WeightQuantizer", "ActivationQuantizer", "sharing_observations"]
+
+# The observations of the outermost open `sharing_observations` block: key -> (the
+# observed array, the state before, the state after), the last _SHARED_MAX of them.
+_shared: contextvars.ContextVar[collections.OrderedDict | None] = contextvars.ContextVar(
+    "qatjax_shared_observations", default=None)
+_SHARED_MAX = 4
+
+
+@contextlib.contextmanager
+def sharing_observations() -> Iterator[None]:
+    """Observe each array once: inside the block, :meth:`ActivationQuantizer.observe` of an
+    array it has just observed (the same object, e.g. the one input of an attention's query,
+    key and value layers) with the same observer recipe reuses that update instead of
+    computing it again, when the two states are equal -- decided at run time
+    (``lax.cond`` on their equality), so the result is always exactly the layer's own
+    ``update(state, x)``. :func:`qatjax.flax.quant_mode` opens a block in calibrate mode.
+
+    The block remembers the last few observed arrays (references to them, until it ends);
+    nested blocks share the outermost one's record.
+    """
+    if _shared.get() is not None:
+        yield
+        return
+    token = _shared.set(collections.OrderedDict())
+    try:
+        yield
+    finally:
+        _shared.reset(token)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,7 +157,27 @@ class ActivationQuantizer:
         """The state after seeing ``x`` (reduced over ``axis_name``: every replica then holds
         the global statistics); non-finite values are skipped and counted."""
         x32 = jax.lax.stop_gradient(x).astype(jnp.float32)
-        return self._observer().update(state, x32, axis_name=axis_name)
+
+        def update():
+            return self._observer().update(state, x32, axis_name=axis_name)
+
+        record = _shared.get()
+        if record is None:
+            return update()
+        key = (id(x), self.observer, self.num_bins, self.symmetric, self.ema_momentum, axis_name)
+        seen = record.get(key)
+        if seen is None or seen[0] is not x or \
+                jax.tree_util.tree_structure(seen[1]) != jax.tree_util.tree_structure(state):
+            new = update()
+            record[key] = (x, state, new)
+            if len(record) > _SHARED_MAX:
+                record.popitem(last=False)
+            return new
+        record.move_to_end(key)
+        _, before, after = seen
+        same = jnp.all(jnp.stack([jnp.array_equal(a, b) for a, b in zip(
+            jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(before))]))
+        return jax.lax.cond(same, lambda: after, update)
 
     def finalize(self, state: Any) -> QParams:
         """Statistics -> parameters with the estimator: float32 scale, zero point int32

@@ -461,3 +461,106 @@ def test_report_measures_each_layers_own_output_error_against_float():
     assert all(r.output_error is None for r in qatjax.quant_report(variables).layers)
     with pytest.raises(ValueError, match="output errors need the float kernels"):
         qatjax.quant_report(qatjax.convert(variables), model, x)
+
+
+class _Heads(nn.Module):
+    """Three layers reading one input (an attention's query / key / value) and one reading
+    another."""
+
+    config: QatConfig
+
+    @nn.compact
+    def __call__(self, x):
+        q, k, v = (QatDense(8, config=self.config, name=n)(x) for n in ("q", "k", "v"))
+        return QatDense(4, config=self.config, name="out")(nn.relu(q * k + v))
+
+
+@pytest.mark.parametrize("observer", ["histogram", "minmax"])
+def test_layers_reading_one_tensor_observe_it_once_with_the_same_statistics(observer, monkeypatch):
+    """Under quant_mode("calibrate") the observer update runs once per distinct input (2 per
+    call, not 4); every layer's statistics equal those of observing on its own, bit for bit,
+    also when one layer's state differs from its siblings' (it then updates its own)."""
+    cfg = QatConfig(activation_observer=observer,
+                    activation_estimator="mse" if observer == "histogram" else "minmax")
+    model = _Heads(cfg)
+    xs = [jax.random.normal(jax.random.key(i), (16, 12)) * (1 + i) for i in range(3)]
+    variables = model.init(jax.random.key(9), xs[0])
+    executed = []
+    real = qatjax.quantizers.ActivationQuantizer._observer
+
+    def counting(self):
+        obs = real(self)
+
+        def update(state, x, axis_name=None):
+            jax.debug.callback(lambda: executed.append(1))
+            return obs.update(state, x, axis_name=axis_name)
+
+        return obs._replace(update=update)
+
+    monkeypatch.setattr(qatjax.quantizers.ActivationQuantizer, "_observer", counting)
+
+    @jax.jit
+    def step(v, x):
+        with qatjax.flax.quant_mode("calibrate"):
+            return model.apply(v, x, mutable=["quant_stats"])[1]["quant_stats"]
+
+    def own(v, x):  # each layer observes on its own: no shared record
+        with monkeypatch.context() as m:
+            m.setattr(qatjax.quantizers, "_SHARED_MAX", 0)
+            with qatjax.flax.quant_mode("calibrate"):
+                return model.apply(v, x, mutable=["quant_stats"])[1]["quant_stats"]
+
+    stats = dict(variables["quant_stats"])
+    for x in xs[:2]:
+        executed.clear()
+        new = step({"params": variables["params"], "quant_stats": stats}, x)
+        jax.effects_barrier()
+        assert len(executed) == 2
+        expected = own({"params": variables["params"], "quant_stats": stats}, x)
+        jax.tree_util.tree_map(np.testing.assert_array_equal, new, expected)
+        stats = new
+    # "k" has also seen a batch of its own: its state differs, so it updates it itself.
+    stats = dict(stats, k=own({"params": variables["params"], "quant_stats": stats}, xs[2])["k"])
+    executed.clear()
+    new = step({"params": variables["params"], "quant_stats": stats}, xs[0])
+    jax.effects_barrier()
+    assert len(executed) == 3
+    expected = own({"params": variables["params"], "quant_stats": stats}, xs[0])
+    jax.tree_util.tree_map(np.testing.assert_array_equal, new, expected)
+    assert not np.array_equal(jax.tree_util.tree_leaves(new["k"])[0],
+                              jax.tree_util.tree_leaves(new["q"])[0])
+
+
+def test_weight_export_of_a_smoothed_layer_keeps_its_input_smoothing():
+    """SmoothQuant's ``input_smoothing`` travels with the exported weights, and
+    ``dequantize_weights`` folds it back into the kernel rows: the float model on the
+    imported params computes the smoothed layers' function (int8 weight error only)."""
+    from qatjax.flax import ptq, quantize_model
+
+    class MLP(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(8)(nn.relu(nn.Dense(16)(x)))
+
+    model = MLP()
+    x = jax.random.normal(jax.random.key(0), (64, 12)) * jnp.linspace(0.1, 20.0, 12)
+    params = model.init(jax.random.key(1), x)["params"]
+    qmodel = quantize_model(model, QatConfig(activation_estimator="minmax"))
+    smoothed = qatjax.calibrate(qmodel, ptq.smoothquant(qmodel, {"params": params}, [x], alpha=0.8),
+                                [x])
+    exported = qatjax.quantize_model_weights(smoothed)
+    entry = exported["layers"]["Dense_0"]
+    s = np.asarray(smoothed["quant_params"]["Dense_0"]["input_smoothing"])
+    np.testing.assert_array_equal(entry["input_smoothing"], s)
+    assert "input_smoothing" not in exported["layers"]["Dense_1"] or \
+        "input_smoothing" in smoothed["quant_params"]["Dense_1"]
+    imported = qatjax.dequantize_weights(exported)
+    codes = np.asarray(entry["codes"], np.float64)  # [N, K] int8 codes, symmetric
+    expected = (codes * np.asarray(entry["scale"], np.float64)[:, None]).T / s[:, None]
+    np.testing.assert_allclose(imported["Dense_0"]["kernel"], expected, rtol=1e-6)
+    y = model.apply({"params": params}, x)
+    err = lambda p: float(jnp.linalg.norm(model.apply({"params": p}, x) - y) / jnp.linalg.norm(y))
+    assert err(imported) < 2e-2
+    unfolded = jax.tree_util.tree_map(lambda a: a, imported)
+    unfolded["Dense_0"]["kernel"] = imported["Dense_0"]["kernel"] * s[:, None]
+    assert err(unfolded) > 10 * err(imported)

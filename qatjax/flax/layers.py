@@ -68,6 +68,7 @@ from qatjax.ptq.smoothquant import smooth_input
 from qatjax.qdot import (ConvSpec, DotSpec, contracting_axes, einsum_dimension_numbers, encode_weight,
                          from_serving, quantized_dot, serve, to_serving)
 from qatjax.qparams import QParams
+from qatjax.quantizers import sharing_observations
 
 __all__ = ["QatDense", "QatDenseGeneral", "QatConv", "QatEinsum", "MODES", "quant_mode"]
 
@@ -86,13 +87,18 @@ def quant_mode(mode: str) -> Iterator[None]:
 
     Use it inside the function you ``jit`` (or around a ``model.apply`` that is not
     jitted): it acts at trace time, so a function traced outside the block keeps
-    the mode it was traced with.
+    the mode it was traced with. In calibrate mode, layers that read the same array
+    observe it once (:func:`qatjax.quantizers.sharing_observations`).
     """
     if mode not in MODES + (_FINALIZE, _COMPARE):
         raise ValueError(f"quant_mode: `mode` must be one of {MODES}, got {mode!r}.")
     token = _forced_mode.set(mode)
     try:
-        yield
+        if mode == "calibrate":  # layers reading one tensor (query / key / value) observe it once
+            with sharing_observations():
+                yield
+        else:
+            yield
     finally:
         _forced_mode.reset(token)
 

@@ -843,7 +843,9 @@ def quantize_model_weights(variables: Variables, *, pack: bool = True) -> dict:
     dense layers, and convolutions, keep the kernel's layout, the dense ones as
     ``[K, N]``), ``spec`` the layer's ``kernel_spec``. Serving parameters are ``()``,
     ``[N]`` and, per group, ``[N, G]`` when transposed, else ``[G, N]``. Layers stacked by
-    ``nn.scan`` / ``nn.vmap`` keep their leading axes on every entry.
+    ``nn.scan`` / ``nn.vmap`` keep their leading axes on every entry. A layer smoothed by
+    SmoothQuant / AWQ (``quant_params/input_smoothing`` ``s`` ``[K]``: its codes are those of
+    ``diag(s) W`` and it divides its input by ``s``) also has ``"input_smoothing"``.
     """
     served = nn.meta.unbox(convert(variables))
     layers = {}
@@ -876,6 +878,8 @@ def quantize_model_weights(variables: Variables, *, pack: bool = True) -> dict:
             "contracting": jnp.asarray(contracting, jnp.int32),
             "packed": jnp.asarray(do_pack),
         }
+        if "input_smoothing" in qp_tree:  # SmoothQuant / AWQ: the codes are of diag(s) W
+            layers["/".join(path)]["input_smoothing"] = qp_tree["input_smoothing"]
     return {"layers": layers, "params": served.get("params", {})}
 
 
@@ -883,7 +887,11 @@ def dequantize_weights(exported: Mapping[str, Any]) -> dict:
     """Import: float ``params`` from :func:`quantize_model_weights`' output.
 
     Each kernel becomes ``(codes - zero_point) * scale`` in float32, in the Flax layout,
-    i.e. exactly the fake-quantized kernel that train mode used.
+    i.e. exactly the fake-quantized kernel that train mode used. For a layer with
+    ``input_smoothing`` ``s`` (SmoothQuant / AWQ), whose quantized kernel ``Wq`` multiplies
+    ``x / s``, the kernel's input rows are divided by ``s`` instead: ``diag(1/s) Wq``, so that a
+    float model computes ``x @ diag(1/s) Wq``, the smoothed layer's function up to float
+    rounding.
     """
     params = jax.tree_util.tree_map(lambda a: a, flax.core.unfreeze(dict(exported["params"])))
     for key, entry in exported["layers"].items():
@@ -911,7 +919,10 @@ def dequantize_weights(exported: Mapping[str, Any]) -> dict:
             if transposed:  # [N, K] codes, [N, G] parameters -> the kernel layout
                 codes = codes.T
                 serving = QParams(*(jnp.asarray(a).T for a in serving))
-            kernels.append(decode_weight(codes, serving, spec).reshape(shape))
+            w = decode_weight(codes, serving, spec)
+            if "input_smoothing" in entry:  # rows of the [K, N] kernel times 1/s
+                w = (w.reshape(k_in, -1) / jnp.asarray(entry["input_smoothing"][idx])[:, None])
+            kernels.append(w.reshape(shape))
         w = _stack(kernels, stack)
         node = params
         for k in (key.split("/") if key else ()):
