@@ -100,6 +100,15 @@ def test_calibrate_under_a_mesh_equals_one_device():
     assert all(0 < r.output_error < 1 for r in report.layers)
 
 
+def test_calibrate_under_a_mesh_takes_unsharded_jax_arrays_as_global_batches():
+    """A jax.Array on one device is the global batch: resharded over the data axis."""
+    params, ref = _reference()
+    batches = [jnp.asarray(b) for b in _batches()]
+    out = qatjax.calibrate(Net("data"), params, batches, mesh=_mesh(), data_axis="data")
+    for col in ("quant_stats", "quant_params"):
+        assert_same_tree(out[col], ref[col])
+
+
 def test_plain_calibrate_on_globally_sharded_batches_equals_one_device():
     params, ref = _reference()
     sharding = NamedSharding(_mesh(), P("data"))

@@ -181,13 +181,14 @@ def _batch_spec(axes: tuple[str, ...]) -> P:
 
 def global_batch(args: tuple, mesh: Mesh | None, axes: tuple[str, ...] | None) -> tuple:
     """A step's arguments as global arrays over ``mesh``: a ``jax.Array`` is taken as the
-    global value, anything else as this process's block of it, split on its leading axis
-    over ``axes`` (``jax.make_array_from_process_local_data``). Without a mesh: ``args``."""
+    global value (resharded to be split on its leading axis over ``axes`` when it is not
+    already), anything else as this process's block of it, split the same way
+    (``jax.make_array_from_process_local_data``). Without a mesh: ``args``."""
     if mesh is None:
         return args
     sharding = NamedSharding(mesh, _batch_spec(axes))
     return jax.tree_util.tree_map(
-        lambda a: a if isinstance(a, jax.Array)
+        lambda a: jax.device_put(a, sharding) if isinstance(a, jax.Array)
         else jax.make_array_from_process_local_data(sharding, np.asarray(a)), args)
 
 
