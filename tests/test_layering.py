@@ -69,7 +69,8 @@ CORE_FLAX_EXCEPTIONS: set[tuple[str, str]] = set()
 OPTIONAL = ("optax", "matplotlib", "sklearn", "tqdm")
 
 # What examples/ may import from qatjax: the package and its public subpackages.
-PUBLIC = ("qatjax", "qatjax.flax", "qatjax.nnx", "qatjax.calibration", "qatjax.checkpoint",
+PUBLIC = ("qatjax", "qatjax.flax", "qatjax.flax.ptq", "qatjax.nnx", "qatjax.nnx.ptq",
+          "qatjax.calibration", "qatjax.checkpoint",
           "qatjax.export")
 
 

@@ -29,6 +29,7 @@ replaces it) and ``out_sharding`` constrains the output's sharding.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 from typing import Any
 
@@ -70,6 +71,12 @@ def collection_of(variable: nnx.Variable) -> str | None:
         if type(variable) is var_type:
             return col
     return None
+
+
+#: While a model runs as a linen module (:mod:`qatjax.nnx.ptq`): the object whose
+#: ``call(layer, args, kwargs)`` runs a drop-in's linen twin bound at the layer's path there.
+linen_view: contextvars.ContextVar[Any] = contextvars.ContextVar("qatjax_nnx_linen_view",
+                                                                default=None)
 
 
 def _mutable(mode: str) -> list[str]:
@@ -167,6 +174,9 @@ class _LinenBacked:
     def _run(self, float_call, args: tuple, mode: str | None, out_sharding, **kwargs) -> jax.Array:
         """``float_call()`` in float mode (the NNX layer itself), else the linen twin; neither
         is intercepted (a parent module's frame does not reach into the layer)."""
+        view = linen_view.get()
+        if view is not None:  # a linen view of the model (qatjax.nnx.ptq): the twin, bound there
+            return view.call(self, args, dict(kwargs, **({"mode": mode} if mode else {})))
         mode = self._resolve_mode(mode)
         float_call = functools.partial(_within, None, float_call, (), {})
         if mode == "float" and getattr(self, "kernel", None) is not None:
