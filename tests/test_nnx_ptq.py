@@ -124,3 +124,26 @@ def test_bad_models_are_refused():
         qnnx.ptq.smoothquant(LinenBlock(), _batches())
     with pytest.raises(ValueError, match="no qatjax layers"):
         qnnx.ptq.gptq(NnxBlock(nnx.Rngs(0)), _batches())
+
+
+def test_mixed_precision_and_a_recipe_on_a_float_nnx_model_equal_linen():
+    batches = _batches()
+    float_model = NnxBlock(nnx.Rngs(0))
+    params = {"params": qnnx.collections(float_model)["params"]}
+    w8 = QatConfig(activation_format=None)
+    candidates = {"int8": w8, "int4": W4}
+    plan, table = qnnx.ptq.mixed_precision(float_model, batches, candidates, budget_bits=6.0)
+    expected, expected_table = ptq.mixed_precision(LinenBlock(), params["params"], batches,
+                                                   candidates, budget_bits=6.0)
+    assert plan.assignment == expected.assignment and plan.avg_bits <= 6.0
+    assert {n: [r.model_error for r in rows] for n, rows in table.items()} == \
+        {n: [r.model_error for r in rows] for n, rows in expected_table.items()}
+    assert not any(isinstance(m, qnnx.QatLinear) for _, m in nnx.iter_graph(float_model))
+
+    recipe = ptq.PTQRecipe(config=W8A8.replace(weight_format="int4"), awq={"n_grid": 5},
+                           gptq={"act_order": True}, rules=plan.rules())
+    model = qnnx.ptq.run_ptq(float_model, batches, recipe)
+    lmodel, lvars = ptq.run_ptq(LinenBlock(), params["params"], batches, recipe)
+    _assert_same(model, lvars)
+    with quant_mode("infer"):
+        np.testing.assert_array_equal(model(batches[2]), lmodel.apply(lvars, batches[2]))

@@ -21,9 +21,9 @@ variables and keeps them. Typical use, on a model quantized by
     qatjax.nnx.ptq.gptq(model, batches, act_order=True)   # int weights: served codes
     qatjax.nnx.convert(model)
 
-Mixed precision: :func:`layer_sensitivity` of the model quantized with each candidate
-recipe, :func:`qatjax.flax.ptq.search_mixed_precision` on the errors, and
-``qatjax.nnx.quantize_model(float_model, default, rules=plan.rules())``.
+:func:`mixed_precision` picks a recipe per layer under a bits budget (the sensitivities of
+each candidate, then :func:`qatjax.flax.ptq.search_mixed_precision`), and :func:`run_ptq` runs
+a :class:`qatjax.flax.ptq.PTQRecipe` on a float NNX model.
 """
 
 from __future__ import annotations
@@ -36,12 +36,14 @@ import flax.linen as nn
 import jax
 from flax import nnx
 
+from qatjax.config import QatConfig
 from qatjax.flax import ptq as linen_ptq
 from qatjax.nnx.layers import VARIABLE_TYPES, _LinenBacked, linen_view
-from qatjax.nnx.model import collections, quantized_layers, set_collections
+from qatjax.nnx.model import (calibrate, collections, quantize_model, quantized_layers,
+                              set_collections)
 
 __all__ = ["collect_input_stats", "input_groups", "smoothquant", "awq", "gptq",
-           "layer_sensitivity"]
+           "layer_sensitivity", "mixed_precision", "run_ptq"]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -160,3 +162,72 @@ def layer_sensitivity(model: nnx.Module, sample: Any, **kwargs: Any
     each dense drop-in's effect on the model output when it alone is quantized."""
     view, variables = _view(model, "layer_sensitivity")
     return linen_ptq.layer_sensitivity(view, variables, sample, **kwargs)
+
+
+def _calibrated(model: nnx.Module, configs: Sequence[QatConfig | None], batches: Sequence[Any],
+                call_kwargs: Mapping[str, Any] | None, progress: bool) -> nnx.Module:
+    """``model`` (quantized with ``configs``) calibrated on ``batches`` when one of them has
+    static activations, else given its descriptors from the first batch alone."""
+    static = any(c is not None and c.activation_quantizer() is not None
+                 and c.activation_quantizer().static for c in configs)
+    return calibrate(model, batches if static else batches[:1], call_kwargs=call_kwargs,
+                     progress=progress)
+
+
+def mixed_precision(float_model: nnx.Module, batches: Sequence[Any],
+                    candidates: Mapping[str, QatConfig], *, budget_bits: float,
+                    sample: Any = None, bits: Mapping[str, float] | None = None,
+                    metric: str = "cosine", progress: bool = False,
+                    call_kwargs: Mapping[str, Any] | None = None
+                    ) -> tuple[linen_ptq.MixedPrecisionPlan,
+                               dict[str, tuple[linen_ptq.LayerSensitivity, ...]]]:
+    """:func:`qatjax.flax.ptq.mixed_precision` for a float NNX model (left unchanged): for each
+    candidate, a copy quantized with it (:func:`qatjax.nnx.quantize_model`), calibrated on
+    ``batches``, and its :func:`layer_sensitivity` on ``sample`` (default the first batch);
+    then the exact search under ``budget_bits``.
+
+    Returns:
+      ``(plan, {candidate name: sensitivities})``: quantize with
+      ``qatjax.nnx.quantize_model(float_model, config, rules=plan.rules())``.
+    """
+    batches = linen_ptq._check_batches(batches, "mixed_precision")
+    sample = batches[0] if sample is None else sample
+    table: dict[str, tuple[linen_ptq.LayerSensitivity, ...]] = {}
+    sizes: dict[str, int] = {}
+    for name, cfg in candidates.items():
+        model = _calibrated(quantize_model(nnx.clone(float_model), cfg), [cfg], batches,
+                            call_kwargs, progress)
+        kwargs = {"apply_kwargs": call_kwargs}
+        table[name] = layer_sensitivity(model, sample, metric=metric, progress=progress, **kwargs)
+        if not sizes:
+            sizes = {i.path: i.in_features * i.out_features
+                     for i in input_groups(model, sample, **kwargs)}
+    errors = {n: {s.path: s.model_error for s in rows} for n, rows in table.items()}
+    plan = linen_ptq.search_mixed_precision(errors, sizes, dict(candidates),
+                                            budget_bits=budget_bits, bits=bits)
+    return plan, table
+
+
+def run_ptq(model: nnx.Module, batches: Sequence[Any], recipe: linen_ptq.PTQRecipe, *,
+            progress: bool = False, call_kwargs: Mapping[str, Any] | None = None) -> nnx.Module:
+    """Runs a :class:`qatjax.flax.ptq.PTQRecipe` on a float NNX model, in place:
+    :func:`qatjax.nnx.quantize_model` with the recipe's config and rules, then SmoothQuant,
+    AWQ, calibration and GPTQ, each when the recipe asks for it (as
+    :func:`qatjax.flax.ptq.run_ptq`). Serve with :func:`qatjax.nnx.convert` and
+    ``mode="infer"``.
+
+    Returns:
+      ``model``.
+    """
+    batches = linen_ptq._check_batches(batches, "run_ptq")
+    quantize_model(model, recipe.config, rules=recipe.rules)
+    kw = {"progress": progress, "apply_kwargs": call_kwargs}
+    if recipe.smoothquant is not None:
+        smoothquant(model, batches, **recipe.smoothquant, **kw)
+    if recipe.awq is not None:
+        awq(model, batches, **recipe.awq, **kw)
+    _calibrated(model, [recipe.config, *(c for _, c in recipe.rules)], batches, call_kwargs,
+                progress)
+    if recipe.gptq is not None:
+        gptq(model, batches, **recipe.gptq, **kw)
+    return model
