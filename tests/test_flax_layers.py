@@ -337,3 +337,29 @@ def test_errors_are_clear():
         conv.apply(conv.init(jax.random.key(0), jnp.ones((1, 5, 5, 2))), jnp.ones((1, 5, 5, 2)), mode="train")
     with pytest.raises(TypeError, match="config"):
         QatDense(8, config={"weight_format": "int8"}).init(jax.random.key(0), x)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_learned_scales_that_reach_zero_or_below_serve_what_train_mode_computes(symmetric):
+    """LSQ scales are trainable and can cross 0: every mode floors them at float32 eps, as
+    computed scales are, so convert's codes and scales serve train mode's output bit for bit
+    (jitted training and eager serving alike) instead of failing or differing."""
+    cfg = QatConfig(learnable_scales=True, weight_symmetric=symmetric,
+                    activation_symmetric=symmetric, activation_estimator="minmax",
+                    activation_observer="minmax")
+    layer = QatDense(4, config=cfg)
+    x = jax.random.normal(jax.random.key(0), (8, 6))
+    v = qatjax.calibrate(layer, layer.init(jax.random.key(1), x), [x])
+    v["params"]["kernel_scale"] = v["params"]["kernel_scale"].at[0].set(-0.01).at[1].set(0.0)
+    v["params"]["input_scale"] = -v["params"]["input_scale"]
+
+    def apply(variables, mode):
+        with quant_mode(mode):
+            return layer.apply(variables, x)
+
+    train = jax.jit(apply, static_argnums=1)(v, "train")
+    assert np.all(np.isfinite(train))
+    served = qatjax.convert(v)
+    np.testing.assert_array_equal(apply(served, "infer"), train)
+    np.testing.assert_array_equal(jax.jit(apply, static_argnums=1)(served, "infer"), train)
+    assert float(served["quant_params"]["kernel_scale"][0]) == np.finfo(np.float32).eps

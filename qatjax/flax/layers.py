@@ -67,7 +67,7 @@ from qatjax.flax import specs
 from qatjax.ptq.smoothquant import smooth_input
 from qatjax.qdot import (ConvSpec, DotSpec, contracting_axes, einsum_dimension_numbers, encode_weight,
                          from_serving, quantized_dot, serve, to_serving)
-from qatjax.qparams import QParams
+from qatjax.qparams import SCALE_EPS, QParams
 from qatjax.quantizers import sharing_observations
 
 __all__ = ["QatDense", "QatDenseGeneral", "QatConv", "QatEinsum", "MODES", "quant_mode"]
@@ -204,6 +204,8 @@ class _QuantLayer:
         for col in cols:
             if self.has_variable(col, "input_scale"):
                 scale = self._read(col, "input_scale")
+                if act.learnable:  # floored like the learned kernel scale
+                    scale = jnp.maximum(scale, jnp.float32(SCALE_EPS))
                 zp = (self._read(col, "input_zero_point")
                       if self.has_variable(col, "input_zero_point") else jnp.zeros((), jnp.int32))
                 return QParams(scale, zp)
@@ -228,7 +230,9 @@ class _QuantLayer:
         """Weight parameters in kernel form (see :mod:`qatjax.qdot`): LSQ-learned ones (stored
         in serving form in ``params``), else min/max of the current kernel."""
         if self.config.learnable_scales and self.has_variable("params", "kernel_scale"):
-            scale = self._read("params", "kernel_scale")
+            # A learned scale can reach 0 or go negative: floored as computed scales are, in
+            # every mode (convert's codes are then train mode's).
+            scale = jnp.maximum(self._read("params", "kernel_scale"), jnp.float32(SCALE_EPS))
             zp = (self._read("params", "kernel_zero_point")
                   if self.has_variable("params", "kernel_zero_point") else jnp.zeros_like(scale))
             return QParams(*(from_serving(a, spec, kernel.ndim) for a in (scale, zp)))
