@@ -778,13 +778,38 @@ def _operand_mask(a, qp, fmt: Format, spec: DotSpec, side: str) -> jax.Array:
     return ste_mask(_split(a, spec), qp, fmt).reshape(a.shape)
 
 
-def _decode_operand(q, qp, fmt: Format, spec: DotSpec, side: str, dtype) -> jax.Array:
-    """Dequantized residual codes (the rhs in the kernel's layout, kernel-form parameters)."""
+def _decode_operand(q, qp, fmt: Format, spec: DotSpec, side: str, dtype, g: jax.Array) -> jax.Array:
+    """Dequantized residual codes (the rhs in the kernel's layout, kernel-form parameters),
+    computed in the backward pass: after the output gradient ``g`` (see :func:`_after`)."""
     if fmt.is_block:
         return block_dequantize(q, BlockScales(*qp), fmt, _block_axis(spec, q.ndim, side), dtype)
+    qp = _rounded(qp, fmt)
+    qp = QParams(_after(jnp.asarray(qp.scale, jnp.float32), g), qp.zero_point)
     if side == "lhs":
-        return dequantize(q, _rounded(qp, fmt), dtype)
-    return _decode_kernel(q, _rounded(qp, fmt), spec, dtype)
+        return dequantize(q, qp, dtype)
+    return _decode_kernel(q, qp, spec, dtype)
+
+
+def _after(a: jax.Array, g: jax.Array) -> jax.Array:
+    """``a`` (float32) bit for bit, as a value that depends on the output gradient ``g``.
+
+    The backward dequantizes the residual codes right before its contractions, but nothing
+    ties that dequantization to the backward: XLA fuses it with the forward's quantization
+    (reading the float operand) and XLA:CPU's scheduler runs it in the forward pass, so each
+    layer's float dequantized kernel (and activation) lives from the forward to the backward:
+    the train step's temporary memory then exceeded float training's by all the kernels
+    (+7% with 12 blocks, +30% with 2: benchmarks/RESULTS.md, issue 18). Scaling the codes by
+    ``a`` times a runtime one read from ``g`` makes the dequantization wait for ``g``, so it
+    is transient. (``lax.optimization_barrier`` would say the same, but XLA:CPU removes it
+    before fusion.) The one is ``(b | 1) != 0`` for ``b`` the bits of ``g``'s first element:
+    exactly 1 for any ``g`` (NaN and infinities included, where ``1 + 0 * g`` would not be),
+    cheap enough to fuse into the dequantization, and a bit test XLA does not fold; ``a * 1.0``
+    is ``a``.
+    """
+    if 0 in g.shape:
+        return a
+    bits = lax.bitcast_convert_type(g[(0,) * g.ndim].astype(jnp.float32), jnp.int32)
+    return a * ((bits | 1) != 0).astype(jnp.float32)
 
 
 def _quantized_gradients(g: jax.Array, spec: DotSpec, dims: DimensionNumbers, lhs_ndim: int,
@@ -811,11 +836,11 @@ def _qdot_bwd(spec, dtype, w_dtype, res, g):
     if spec.original_residuals or spec.x_format is None:
         a = a.astype(dtype)
     else:  # x_hat
-        a = _decode_operand(a, x_qp, spec.x_format, spec, "lhs", dtype)
+        a = _decode_operand(a, x_qp, spec.x_format, spec, "lhs", dtype, g)
     if spec.original_residuals or spec.w_format is None:
         b = b.astype(dtype)
     else:  # w_hat
-        b = _decode_operand(b, w_qp, spec.w_format, spec, "rhs", dtype)
+        b = _decode_operand(b, w_qp, spec.w_format, spec, "rhs", dtype, g)
     if isinstance(spec, ConvSpec):
         _, vjp = jax.vjp(lambda a_, b_: spec.conv(a_, b_, jnp.float32), a, b)
         dx, dw = vjp(g.astype(jnp.float32))

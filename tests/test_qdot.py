@@ -1,6 +1,8 @@
 """quantized_dot: the native forward agrees with the fake-quant reference; the STE backward."""
 
 import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -124,6 +126,51 @@ def test_original_residuals_backward_uses_the_float_operands(x_fmt, w_fmt, x_sym
     np.testing.assert_allclose(np.asarray(gx), (c @ wn.T) * x_mask, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(gw), (xn.reshape(-1, 64).T @ c.reshape(-1, 24)) * w_mask,
                                rtol=1e-5, atol=1e-4)
+
+
+def test_backward_dequantizes_after_the_output_gradient_exactly():
+    """The residual codes' scale is tied to the output gradient by an exact runtime one: a NaN
+    or infinite first cotangent element changes only what it reaches (row 0 of dx, column 0
+    of dw), every other gradient value is bit-identical."""
+    x, w, x_qp, w_qp, spec = _setup(qatjax.int8, qatjax.int8, True, True, seed=6)
+    ct = jax.random.normal(jax.random.key(7), (3, 5, 24))
+    _, vjp = jax.vjp(lambda x, w: quantized_dot(x, w, x_qp, w_qp, spec), x, w)
+    gx, gw = (np.asarray(a) for a in vjp(ct))
+    for bad in (np.nan, np.inf):
+        bx, bw = (np.asarray(a) for a in vjp(ct.at[0, 0, 0].set(bad)))
+        np.testing.assert_array_equal(bx.reshape(15, -1)[1:], gx.reshape(15, -1)[1:])
+        np.testing.assert_array_equal(bw[:, 1:], gw[:, 1:])
+
+
+def test_backward_dequantized_kernels_are_transient():
+    """Issue 18: the backward dequantizes each kernel right before its contractions, so at
+    most one float dequantized kernel is alive at a time; XLA used to compute them all in the
+    forward pass and keep them (2.6x float's temporary memory here)."""
+    d, n_layers = 128, 8
+    spec = DotSpec(qatjax.int8, qatjax.int8, x_mask=False, w_mask=False, x_scale_from_data=True)
+    keys = jax.random.split(jax.random.key(8), n_layers + 1)
+    kernels = [jax.random.normal(keys[i], (d, 4 * d) if i % 2 == 0 else (4 * d, d)) * 0.05
+               for i in range(n_layers)]
+    x = jax.random.normal(keys[-1], (64, d))
+
+    def loss(kernels, quantized):
+        h = x
+        for i, w in enumerate(kernels):
+            if quantized:
+                x_qp = qatjax.qparams_from_amax(jnp.max(jnp.abs(h)), qatjax.int8)
+                w_qp = qatjax.qparams_from_amax(jnp.max(jnp.abs(w), axis=0, keepdims=True),
+                                                qatjax.int8)
+                h = quantized_dot(h, w, x_qp, w_qp, spec)
+            else:
+                h = h @ w
+            h = jax.nn.gelu(h) if i % 2 == 0 else h
+        return jnp.mean(h ** 2)
+
+    def temp_bytes(quantized):
+        step = jax.jit(jax.grad(functools.partial(loss, quantized=quantized)))
+        return step.lower(kernels).compile().memory_analysis().temp_size_in_bytes
+
+    assert temp_bytes(True) <= temp_bytes(False) + 4 * d * 4 * d  # + one float32 kernel
 
 
 def test_original_residuals_need_a_native_matmul_without_lsq():
