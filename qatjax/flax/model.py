@@ -129,8 +129,12 @@ def calibrate(
     step = _jitted_apply(model, "calibrate", ("quant_stats",), _freeze_kwargs(kwargs), mesh, axes)
 
     def observe(args: tuple) -> None:
-        variables["quant_stats"] = step(variables, global_batch(args, mesh, axes)).get(
-            "quant_stats", {})
+        args = global_batch(args, mesh, axes)
+        if "quant_stats" not in variables and mesh is None:
+            empty = _empty_stats(model, variables, args, kwargs, step)
+            if empty is not None:
+                variables["quant_stats"] = empty
+        variables["quant_stats"] = step(variables, args).get("quant_stats", {})
 
     last = for_each_batch(batches, observe, progress=progress)
     if across_processes:
@@ -272,6 +276,34 @@ def _freeze_kwargs(kwargs: Mapping[str, Any]) -> tuple:
     return tuple(sorted(kwargs.items()))
 
 
+# A pseudo-mode of _jitted_apply: the observers' empty states, from the model's init.
+_EMPTY_STATS = "empty_stats"
+
+
+def _empty_stats(model: nn.Module, variables: Mapping[str, Any], args: tuple,
+                 kwargs: Mapping[str, Any], step: Callable) -> Any | None:
+    """The observer states a calibrate-mode call creates before its first update.
+
+    Read from the model's init, which XLA reduces to constants (compiled in a small fraction
+    of the forward's time), so that every calibration step runs one compiled ``step`` -- not
+    a first program without statistics and a second with them, each compiling the whole
+    forward. None (the first step then creates the states) when the init needs more than a
+    ``params`` key (other rngs, ``rngs`` among ``kwargs``) or creates other states than the
+    step would (checked on the step's abstract output).
+    """
+    if "rngs" in kwargs:
+        return None
+    init = _jitted_apply(model, _EMPTY_STATS, (), _freeze_kwargs(kwargs))
+    try:
+        empty = init({}, args).get("quant_stats")
+    except Exception:  # noqa: BLE001 -- any init failure: the first step creates the states
+        return None
+    created = jax.eval_shape(step, dict(variables), args).get("quant_stats")
+    if empty is None or jax.tree_util.tree_structure(empty) != jax.tree_util.tree_structure(created):
+        return None
+    return empty
+
+
 def _jitted_apply(model: nn.Module, mode: str, mutable: tuple[str, ...], kwargs: tuple,
                   mesh: Mesh | None = None, axes: tuple[str, ...] | None = None) -> Callable:
     """A jitted ``model.apply`` in ``mode`` returning the updated collections, cached per
@@ -314,6 +346,9 @@ def _make_jitted_apply(get_model: Callable[[], nn.Module], mode: str, mutable: t
     mesh axes automatic): variables replicated, ``args`` split on their leading axis, the
     updated collections replicated (layers reduce over ``axes``, which is checked)."""
     def apply(v, args):
+        if mode == _EMPTY_STATS:  # v unused: only the states init creates, data-independent
+            return {"quant_stats": get_model().init(jax.random.key(0), *args, **dict(kwargs)
+                                                    ).get("quant_stats", {})}
         with quant_mode(mode):
             _, upd = get_model().apply(v, *args, mutable=list(mutable), **dict(kwargs))
         return upd
