@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
+import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
@@ -247,6 +248,29 @@ def _run_in_mode(model: nnx.Module, mode: str, args: tuple, kwargs: Mapping[str,
     return _run_in_mode_jitted(model, args, mode=mode, kwargs=frozen, mesh=mesh, axes=axes)
 
 
+def _reset_stats(model: nnx.Module) -> None:
+    """Empties every activation observer (a drop-in's ``input``, an intercepted contraction's
+    ``<op><n>_<side>``) in place, to the state its first calibrate-mode call would create --
+    so that every calibration step has the same variables and compiles once -- and removes
+    the other statistics (the post-training tools' channel statistics)."""
+    for path, variable in nnx.to_flat_state(nnx.state(model, QuantStats)):
+        owner = model
+        for key in path[:-1]:
+            owner = owner[key] if isinstance(key, int) else getattr(owner, key)
+        name = str(path[-1])
+        if isinstance(owner, _LinenBacked):
+            config = owner.config if name == "input" else None
+        else:
+            intercept = getattr(owner, "_qatjax_intercept", None)
+            config = intercept[0] if intercept and re.fullmatch(r"\w+\d+_(lhs|rhs)", name) else None
+        act = None if config is None else config.activation_quantizer()
+        if act is not None and act.static and jax.tree_util.tree_structure(act.init()) == \
+                jax.tree_util.tree_structure(variable.get_value()):
+            variable.set_value(act.init())
+        else:  # created afresh by the next call, if at all
+            delattr(owner, name)
+
+
 def calibrate(model: nnx.Module, batches: Iterable[Any], *, progress: bool = False,
               reset: bool = True, call_kwargs: Mapping[str, Any] | None = None,
               mesh: Mesh | None = None, data_axis: str | Sequence[str] | None = None,
@@ -289,12 +313,8 @@ def calibrate(model: nnx.Module, batches: Iterable[Any], *, progress: bool = Fal
             linen_model.check_layer_axes(_path_str(path), layer.config, layer.axis_name, axes,
                                          "calibrate")
     kwargs = dict(call_kwargs or {})
-    if reset:  # observers are created afresh by the next call
-        for path, _ in nnx.to_flat_state(nnx.state(model, QuantStats)):
-            owner = model
-            for key in path[:-1]:
-                owner = owner[key] if isinstance(key, int) else getattr(owner, key)
-            delattr(owner, path[-1])
+    if reset:
+        _reset_stats(model)
 
     def observe(args: tuple) -> None:
         _run_in_mode(model, "calibrate", linen_model.global_batch(args, mesh, axes), kwargs,
