@@ -12,19 +12,25 @@ Rows:
 * W8A8 static per-tensor (int8 per-channel weights, affine uint8 activations, histogram + mse
   estimator; the einsums too): plain, and after SmoothQuant (fixed ``alpha`` and searched, on
   all Dense layers or on those reading a LayerNorm output: query / key / value, intermediate);
-* int4 weight-only, groups of 32 and per channel: round to nearest, AWQ (scales + clip), GPTQ
-  (act-order), AWQ then GPTQ;
-* mixed precision: per-layer sensitivities (``1 - cos``, each layer alone quantized) of int4
-  g32 and int8 weights with static uint8 activations after SmoothQuant (a=0.8, LN-output
-  layers); the exact knapsack
-  picks a format per layer at <= ``--budget`` bits per weight (format bits; scales not
-  counted); the int4 layers then get GPTQ.
+* int4 weight-only, groups of 32 and per channel: round to nearest, AWQ (scales + clip),
+  GPTQ (act-order) in the variants of ``GPTQ_VARIANTS`` (``--variants`` picks some):
+  sequential (each layer's Hessian from the model whose earlier layers are already
+  quantized), the reference's MSE range search of the group scales (``mse``; ``hmse``: its
+  error weighted by ``H_jj``), dampening cross-validated per layer over the calibration
+  batches (``cv``), Hessians over real tokens only (``nopad``); AWQ then GPTQ;
+* mixed precision: per-layer weight sensitivities (``ptq.weight_sensitivity``: ``1 - cos``
+  with one layer's served kernel in the float model, over the 32 calibration sentences) of
+  int8 per-channel RTN and of int4 g32 after GPTQ, on the SmoothQuant'ed model (a=0.8,
+  LN-output layers; activations int8 static); the exact knapsack picks a format per layer
+  at <= each ``--budget`` bits per weight (format bits; scales not counted); the int4 layers
+  then get sequential GPTQ. Floors: all int8 and all int4 with the same activations.
 
 ``--plot PATH`` draws the per-layer sensitivities and the cosine per method (matplotlib).
 
 Usage::
 
-    python benchmarks/bench_minilm_ptq.py [--only smoothquant,gptq,awq,mixed] [--plot out.png]
+    python benchmarks/bench_minilm_ptq.py [--only smoothquant,gptq,awq,mixed] [--budget 5,6]
+        [--variants 'GPTQ,GPTQ seq hmse'] [--plot out.png]
 """
 
 from __future__ import annotations
@@ -110,10 +116,46 @@ def run_smoothquant(r: Runner) -> None:
         r.evaluate(name, qm, v, time.perf_counter() - t0)
 
 
-def run_weight_only(r: Runner, which: str) -> None:
-    for label, cfg in (("int4 g32", W4_G32), ("int4 per-channel", W4_PC)):
-        methods = (("RTN", ()), ("GPTQ", ("gptq",)), ("AWQ", ("awq",)), ("AWQ+GPTQ", ("awq", "gptq")))
-        for mname, steps in methods:
+def padding_mask(ids, mask):
+    """``row_mask`` of the PTQ tools: the attention mask (1 = a real token, 0 = padding)."""
+    return mask
+
+
+#: GPTQ variants (all act-order): name -> ptq.gptq keyword arguments.
+#: "seq": sequential (Hessians from the partially quantized model), "mse" / "hmse": the
+#: reference's MSE range search (|w - w_hat|^2.4, 80 shrink factors) unweighted / weighted
+#: by H_jj, "cv": percdamp chosen per layer by leave-one-batch-out cross-validation on the
+#: calibration batches, "nopad": Hessians over the real tokens only.
+CV_PERCDAMP = (0.01, 0.03, 0.1, 0.3, 1.0)
+GPTQ_VARIANTS = {
+    "GPTQ": {},
+    "GPTQ nopad": {"row_mask": padding_mask},
+    "GPTQ mse": {"scale_search": "mse"},
+    "GPTQ hmse": {"scale_search": "hessian_mse"},
+    "GPTQ seq": {"sequential": True},
+    "GPTQ seq mse": {"sequential": True, "scale_search": "mse"},
+    "GPTQ seq hmse": {"sequential": True, "scale_search": "hessian_mse"},
+    "GPTQ seq hmse nopad": {"sequential": True, "scale_search": "hessian_mse",
+                            "row_mask": padding_mask},
+    "GPTQ seq hmse cv": {"sequential": True, "scale_search": "hessian_mse",
+                         "percdamp": CV_PERCDAMP},
+}
+#: The variants run per granularity (the per-channel rows: the defaults and the best).
+WEIGHT_ONLY = {
+    "int4 g32": (W4_G32, tuple(GPTQ_VARIANTS)),
+    "int4 per-channel": (W4_PC, ("GPTQ", "GPTQ seq hmse")),
+}
+
+
+def run_weight_only(r: Runner, which: str, variants: Sequence[str] | None = None) -> None:
+    for label, (cfg, names) in WEIGHT_ONLY.items():
+        if variants:
+            names = [n for n in names if n in variants]
+        methods = [("RTN", (), {})]
+        methods += [(n, ("gptq",), GPTQ_VARIANTS[n]) for n in names]
+        methods += [("AWQ", ("awq",), {}), ("AWQ+GPTQ", ("awq", "gptq"), {}),
+                    ("AWQ+GPTQ seq hmse", ("awq", "gptq"), GPTQ_VARIANTS["GPTQ seq hmse"])]
+        for mname, steps, kw in methods:
             if which not in steps and steps:
                 continue
             t0 = time.perf_counter()
@@ -121,39 +163,79 @@ def run_weight_only(r: Runner, which: str) -> None:
             if "awq" in steps:
                 v = ptq.awq(qm, v, r.calib)
             v = qatjax.finalize(qm, v, r.calib[0])
+            report: dict = {}
             if "gptq" in steps:
-                v = ptq.gptq(qm, v, r.calib, act_order=True)
+                v = ptq.gptq(qm, v, r.calib, act_order=True, report=report, **kw)
+            if report:
+                counts = {lam: list(report.values()).count(lam) for lam in CV_PERCDAMP}
+                print(f"  cross-validated percdamp (value: layers): {counts}", flush=True)
             r.evaluate(f"{label} weight-only {mname}", qm, v, time.perf_counter() - t0)
 
 
-def run_mixed(r: Runner, budget: float, plot_data: dict) -> None:
+def run_mixed(r: Runner, budgets: Sequence[float], plot_data: dict, int6: bool = False,
+              skip_floors: bool = False) -> None:
+    """Mixed int4 g32 / (int6 per channel) / int8 per channel weights, int8 static activations
+    after SmoothQuant.
+
+    Sensitivities: weight-only (``ptq.weight_sensitivity``: the served kernel of one layer in
+    the float model), mean ``1 - cos`` on the held-out last calibration batch (8 sentences):
+    int8 (and int6) per-channel RTN, int4 g32 after one-shot GPTQ (hessian_mse) fitted on the
+    other three batches -- measured on the batches GPTQ fitted, its errors are about 10x too
+    optimistic (in-sample). The activation error is common to all candidates. Per budget: the
+    knapsack's plan, calibrated, then sequential GPTQ (hessian_mse) on its int4 / int6 layers."""
     t0 = time.perf_counter()
     w8 = W8A8
     w4 = W8A8.replace(weight_format="int4", weight_granularity="per_group", weight_group_size=32)
-    # Sensitivities on the SmoothQuant'ed model (its factors do not depend on the weight format).
+    w6 = W8A8.replace(weight_format="int6")
+    cands = {"int8": w8, **({"int6": w6} if int6 else {}), "int4_g32": w4}
+    gptq_kw = dict(act_order=True, **GPTQ_VARIANTS["GPTQ seq hmse"])
     qm8 = quantize_model(r.model, w8)
     smoothed = ptq.smoothquant(qm8, {"params": r.params}, r.calib, alpha=0.8, layers=LN_INPUTS)
-    table = {}
-    for name, cfg in (("int8", w8), ("int4_g32", w4)):
+    # Floors: all int8 (GPTQ does not change it: 0.99529 / 0.99678 measured), all int4, both
+    # with the int8 static activations.
+    for label, cfg in (("all int8", w8), ("all int4 g32", w4)):
+        t1 = time.perf_counter()
         qm = quantize_model(r.model, cfg)
         v = qatjax.calibrate(qm, smoothed, r.calib)
-        table[name] = ptq.layer_sensitivity(qm, v, r.calib[0])
+        r.evaluate(f"A8 SQ, {label} RTN", qm, v, time.perf_counter() - t1)
+        if cfg is w4 and not skip_floors:
+            v = ptq.gptq(qm, v, r.calib, **gptq_kw)
+            r.evaluate(f"A8 SQ, {label} GPTQ seq hmse", qm, v, time.perf_counter() - t1)
+    table = {}
+    t1 = time.perf_counter()
+    fit, held_out = r.calib[:-1], r.calib[-1]
+    for name, cfg, with_gptq in (("int8", w8, False), *((("int6", w6, False),) if int6 else ()),
+                                 ("int4_g32", w4, False), ("int4_g32_gptq", w4, True)):
+        qm = quantize_model(r.model, cfg)
+        v = qatjax.calibrate(qm, smoothed, r.calib)
+        vq = ptq.gptq(qm, v, fit, act_order=True, scale_search="hessian_mse") if with_gptq else v
+        table[name] = ptq.weight_sensitivity(qm, v, vq, held_out)
+    print(f"weight sensitivities: {time.perf_counter() - t1:.0f} s", flush=True)
     sizes = {i.path: i.in_features * i.out_features
              for i in ptq.input_groups(qm8, smoothed, r.calib[0])}
-    errors = {n: {s.path: s.model_error for s in rows} for n, rows in table.items()}
-    plan = ptq.search_mixed_precision(errors, sizes, {"int8": w8, "int4_g32": w4},
-                                      budget_bits=budget)
+    for name, rows in table.items():
+        print(f"  sum of sensitivities, all {name}: {sum(x.model_error for x in rows):.5f}")
     plot_data["sensitivity"] = table
-    n4 = sum(1 for _, c in plan.assignment if c == "int4_g32")
-    print(f"mixed precision plan: {plan.avg_bits:.3f} bits/weight, {n4} of {len(plan.assignment)} "
-          f"layers int4 g32, objective {plan.objective:.3g}", flush=True)
-    qm = quantize_model(r.model, w8, rules=plan.rules())
-    v = qatjax.calibrate(qm, smoothed, r.calib)
-    r.evaluate(f"mixed {plan.avg_bits:.2f} b/w, SmoothQuant, RTN", qm, v, time.perf_counter() - t0)
-    v = ptq.gptq(qm, v, r.calib, act_order=True,
-                 layers="|".join(p for p, c in plan.rules_by_name() if c == "int4_g32"))
-    r.evaluate(f"mixed {plan.avg_bits:.2f} b/w, SmoothQuant, GPTQ(int4)", qm, v,
-               time.perf_counter() - t0)
+    errors = {n: {x.path: x.model_error for x in table["int4_g32_gptq" if n == "int4_g32" else n]}
+              for n in cands}
+    for budget in budgets:
+        t1 = time.perf_counter()
+        plan = ptq.search_mixed_precision(errors, sizes, cands, budget_bits=budget)
+        counts = {n: sum(1 for _, c in plan.assignment if c == n) for n in cands}
+        tag = "/".join(f"{counts[n]} {n.split('_')[0]}" for n in cands)
+        print(f"budget {budget}: plan {plan.avg_bits:.3f} bits/weight, layers {counts}, "
+              f"predicted mean 1-cos {plan.objective:.5f}; "
+              f"int8: {[p for p, c in plan.assignment if c == 'int8']}", flush=True)
+        qm = quantize_model(r.model, w8, rules=plan.rules())
+        v = qatjax.calibrate(qm, smoothed, r.calib)
+        r.evaluate(f"mixed {plan.avg_bits:.2f} b/w ({tag}), SQ, RTN", qm, v,
+                   time.perf_counter() - t1)
+        low = "|".join(p for p, c in plan.rules_by_name() if c != "int8")
+        if low:
+            v = ptq.gptq(qm, v, r.calib, **gptq_kw, layers=low)
+            r.evaluate(f"mixed {plan.avg_bits:.2f} b/w ({tag}), SQ, GPTQ(<8b) seq hmse", qm, v,
+                       time.perf_counter() - t1)
+    print(f"mixed total {time.perf_counter() - t0:.0f} s", flush=True)
 
 
 def plot(path: str, r: Runner, plot_data: dict) -> None:
@@ -170,8 +252,8 @@ def plot(path: str, r: Runner, plot_data: dict) -> None:
     if plot_data.get("sensitivity"):
         ax.set_xticks(range(len(labels)))
         ax.set_xticklabels(labels, rotation=90, fontsize=6)
-    ax.set_ylabel("mean (1 - cos) of the embedding, only this layer quantized")
-    ax.set_title("per-layer sensitivity (W8A8 static, after SmoothQuant)")
+    ax.set_ylabel("mean (1 - cos) of the embedding, only this layer's kernel served")
+    ax.set_title("per-layer weight sensitivity (after SmoothQuant a=0.8)")
     ax.legend()
     ax = axes[1]
     names = [n for n, *_ in r.rows]
@@ -189,7 +271,14 @@ def plot(path: str, r: Runner, plot_data: dict) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", default=",".join(GROUPS), help=f"comma-separated of {GROUPS}")
-    parser.add_argument("--budget", type=float, default=5.0, help="mixed precision bits per weight")
+    parser.add_argument("--budget", default="5.0", help="mixed precision bits per weight "
+                        "(comma-separated: one plan each)")
+    parser.add_argument("--int6", action="store_true", help="mixed precision: int6 per channel "
+                        "as a third candidate")
+    parser.add_argument("--skip-floors", action="store_true", help="mixed precision: skip the "
+                        "all-int4 GPTQ floor (slow)")
+    parser.add_argument("--variants", default="", help="comma-separated GPTQ variants to run "
+                        f"(default all): {tuple(GPTQ_VARIANTS)}")
     parser.add_argument("--plot", default="", help="write the plot to this PNG path")
     args = parser.parse_args(argv)
     wanted = [w.strip() for w in args.only.split(",") if w.strip()]
@@ -209,12 +298,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         for which in ("gptq", "awq"):
             if which in wanted:
                 before = len(r.rows)
-                run_weight_only(r, which)
+                run_weight_only(r, which, [x.strip() for x in args.variants.split(",") if x.strip()])
                 # RTN rows are produced by both passes: keep one
                 r.rows[before:] = [row for row in r.rows[before:] if row[0] not in seen]
                 seen.update(row[0] for row in r.rows)
     if "mixed" in wanted:
-        run_mixed(r, args.budget, plot_data)
+        run_mixed(r, [float(b) for b in args.budget.split(",")], plot_data, args.int6,
+                  args.skip_floors)
     print()
     print(f"{'method':<52} {'min cos':>8} {'mean cos':>8} {'s':>6}")
     for name, mn, mean, s in r.rows:

@@ -56,13 +56,42 @@ def np_fake_quant_kernel(w, fmt, symmetric, granularity, group=None, ranges=None
     return np_quantize(split, scale, zp, fmt)[1].reshape(k, n)
 
 
-def np_gptq(w, h, fmt, symmetric, granularity, group, act_order, percdamp=0.01):
+def np_searched_qparams(rows, fmt, symmetric, axis, search, row_weights):
+    """Parameters ``[n]`` of ``rows [g, n]``: min / max (``search`` None) or GPTQ's range
+    search ``(weighted, n_grid, max_shrink, norm)``: the shrink factor ``1 - i / n_grid`` with
+    the smallest ``sum (weights *) |w - w_hat|**norm`` per column (per tensor: in all), the
+    first on ties."""
+    n = rows.shape[1]
+    flat = lambda qp: [np.broadcast_to(a, (1, n))[0] for a in qp]  # noqa: E731
+    if search is None:
+        return flat(np_qparams(rows, fmt, symmetric, axis))
+    weighted, n_grid, max_shrink, norm = search
+    rows32 = rows.astype(np.float32)
+    best = [np.full(n, np.inf), None, None]
+    for i in range(int(max_shrink * n_grid)):
+        p = np.float32(1.0 - i / n_grid)
+        scale, zp = flat(np_qparams(rows32 * p, fmt, symmetric, axis))
+        _, dq = np_quantize(rows32, scale, zp, fmt)
+        err = np.abs(rows32.astype(np.float64) - dq) ** norm
+        if weighted:
+            err = err * row_weights[:, None]
+        err = err.sum(0) if axis is not None else np.full(n, err.sum())
+        better = err < best[0]
+        best[0] = np.where(better, err, best[0])
+        best[1] = scale if best[1] is None else np.where(better, scale, best[1])
+        best[2] = zp if best[2] is None else np.where(better, zp, best[2])
+    return best[1], best[2]
+
+
+def np_gptq(w, h, fmt, symmetric, granularity, group, act_order, percdamp=0.01,
+            static_groups=False, search=None):
     """Unblocked GPTQ in float64: (codes [K, N], scales [G, N], zero points [G, N])."""
     w, h = np.array(w, np.float64), np.array(h, np.float64)
     k, n = w.shape
     dead = np.diag(h) == 0
     h[dead, dead] = 1
     w[dead] = 0
+    w_orig, diag = w.copy(), np.diag(h).copy()
     perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(k)
     w, h = w[perm], h[perm][:, perm]
     h += np.eye(k) * percdamp * np.mean(np.diag(h))
@@ -70,12 +99,16 @@ def np_gptq(w, h, fmt, symmetric, granularity, group, act_order, percdamp=0.01):
     size = group if granularity == "per_group" else k
     axis = None if granularity == "per_tensor" else 0
     params, codes = {}, np.zeros((k, n))
+    if static_groups:  # every group from the original kernel
+        for g in range(k // size):
+            rows = np.arange(g * size, (g + 1) * size)
+            params[g] = np_searched_qparams(w_orig[rows], fmt, symmetric, axis, search, diag[rows])
     for j in range(k):
         g = perm[j] // size
         if g not in params:  # from the current weights of all the group's rows
             rows = [p for p in range(k) if perm[p] // size == g]
-            params[g] = [np.broadcast_to(a, (1, n))[0] for a in
-                         np_qparams(w[rows], fmt, symmetric, axis)]
+            params[g] = np_searched_qparams(w[rows], fmt, symmetric, axis, search,
+                                            diag[perm[rows]])
         q, dq = np_quantize(w[j], *params[g], fmt)
         codes[perm[j]] = q
         w[j + 1:] -= np.outer(u[j, j + 1:], (w[j] - dq) / u[j, j])
@@ -144,6 +177,30 @@ def test_gptq_matches_the_unblocked_float64_reference(gptq_problem, name):
         assert np.isfinite(float(res.loss)) and float(res.loss) > 0
 
 
+@pytest.mark.parametrize("name", list(GPTQ_RECIPES))
+@pytest.mark.parametrize("static_groups,scale_search", [(True, "minmax"), (False, "mse"),
+                                                        (True, "hessian_mse"), (False, "hessian_mse")])
+def test_gptq_static_groups_and_scale_search_match_the_reference(gptq_problem, name,
+                                                                 static_groups, scale_search):
+    """The reference's ``--static-groups`` and its (H_jj-weighted) MSE range search: the same
+    codes and parameters as the float64 reference, and an output error below round to
+    nearest's."""
+    x, w, h = gptq_problem
+    qz = GPTQ_RECIPES[name]
+    grid = (scale_search == "hessian_mse", 20, 0.8, 2.4)
+    search = None if scale_search == "minmax" else grid
+    res = ptq.gptq(w, h, qz, block_size=20, act_order=True, static_groups=static_groups,
+                   scale_search=scale_search, n_grid=20, max_shrink=0.8, norm=2.4)
+    codes, scales, zps = np_gptq(w, h, qz.format, qz.symmetric, qz.granularity, qz.group_size,
+                                 True, static_groups=static_groups, search=search)
+    np.testing.assert_array_equal(np.asarray(res.codes), codes)
+    np.testing.assert_allclose(per_group_rows(res.qparams.scale, scales.shape), scales, rtol=1e-6)
+    np.testing.assert_array_equal(per_group_rows(res.qparams.zero_point, scales.shape), zps)
+    w_hat = ((codes.reshape(len(scales), -1, N) - zps[:, None]) * scales[:, None]).reshape(K, N)
+    rtn = np_fake_quant_kernel(w, qz.format, qz.symmetric, qz.granularity, qz.group_size)
+    assert output_error(x, w, w_hat) < output_error(x, w, rtn)
+
+
 def test_gptq_codes_are_what_the_weight_path_serves(gptq_problem):
     """The dequantized GPTQ kernel with the frozen GPTQ parameters goes through
     qdot.encode_weight to exactly the GPTQ codes (no re-rounding), transposed for an integer
@@ -182,6 +239,14 @@ def test_gptq_rejects_bad_arguments(gptq_problem):
         ptq.gptq(w, h, qz, block_size=0)
     with pytest.raises(ValueError, match="`percdamp` must be a non-negative scalar"):
         ptq.gptq(w, h, qz, percdamp=-0.1)
+    with pytest.raises(ValueError, match="`scale_search` must be one of"):
+        ptq.gptq(w, h, qz, scale_search="l2")
+    with pytest.raises(ValueError, match="`max_shrink` must be a float in \\(0, 1\\)"):
+        ptq.gptq(w, h, qz, scale_search="mse", max_shrink=1.5)
+    with pytest.raises(ValueError, match="`n_grid` must be a positive int"):
+        ptq.gptq(w, h, qz, n_grid=0)
+    with pytest.raises(TypeError, match="`static_groups` must be a bool"):
+        ptq.gptq(w, h, qz, static_groups="yes")
 
 
 # ----------------------------------------------------------------------------- SmoothQuant

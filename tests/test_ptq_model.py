@@ -269,9 +269,129 @@ def test_mixed_precision_rules_drive_quantize_model_and_recipes_validate():
     np.testing.assert_allclose(plan.avg_bits, avg)
     with pytest.raises(ValueError, match="unknown `gptq` setting"):
         ptq.PTQRecipe(w8, gptq={"blocksize": 4})
+    with pytest.raises(ValueError, match="unknown `gptq` setting"):  # code, not recipe data
+        ptq.PTQRecipe(w8, gptq={"row_mask": _mask})
+    assert ptq.PTQRecipe(w8, gptq={"sequential": True, "scale_search": "hessian_mse",
+                                   "percdamp": [0.01, 0.1]}).gptq["sequential"]
     r = ptq.PTQRecipe.from_yaml("quant: {weight_format: int4, activation_format: null}\n"
                                 "ptq: {smoothquant: {alpha: 0.7}, gptq: {}}\n")
     assert r.smoothquant == {"alpha": 0.7} and r.gptq == {} and r.awq is None
     assert ptq.PTQRecipe.from_yaml(r.to_yaml()) == r
     with pytest.raises(TypeError, match="re-iterable"):
         ptq.gptq(qm, v, iter(batches))
+
+
+def _mask(x):
+    """``row_mask``: one value per row of the [rows, 4, features] inputs (0: left out)."""
+    return x[..., 0] > 0
+
+
+def test_row_mask_leaves_rows_out_of_statistics_gptq_and_searches():
+    batches = _data(seed=7, grid=True)
+    model = Toy()
+    params = _params(model, batches[0])
+    qm = quantize_model(model, MINMAX)
+    st = ptq.collect_input_stats(qm, {"params": params}, batches, row_mask=_mask)["quant_stats"]
+    x = np.concatenate([b[b[..., 0] > 0] for b in batches]).astype(np.float64)  # kept rows
+    assert 0 < len(x) < sum(b.shape[0] * b.shape[1] for b in batches)
+    np.testing.assert_array_equal(np.asarray(st["q"]["input_absmax"].amax),
+                                  np.abs(x).max(0).astype(np.float32))
+    assert int(st["k"]["input_mean_abs"].num_rows) == len(x)
+    np.testing.assert_allclose(np.asarray(qatjax.calibration.mean_abs(st["k"]["input_mean_abs"])),
+                               np.abs(x).mean(0), rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(qatjax.calibration.hessian_matrix(st["up"]["input_hessian"])),
+                                  (2 * x.T @ x).astype(np.float32))
+    cfg = QatConfig(weight_format="int4", activation_format=None, weight_granularity="per_group",
+                    weight_group_size=8)
+    qm4 = quantize_model(model, cfg)
+    v = ptq.gptq(qm4, {"params": params}, batches, layers="q", row_mask=_mask)
+    ref = core.gptq(params["q"]["kernel"], (2 * x.T @ x).astype(np.float32), cfg.weight_quantizer())
+    np.testing.assert_array_equal(np.asarray(qatjax.convert(v)["quant_params"]["q"]["kernel_codes"]),
+                                  np.asarray(ref.codes))
+    # The searches see the kept rows only: AWQ on the masked batches equals AWQ on batches of
+    # the kept rows alone (one row per example).
+    kept = [b[b[..., 0] > 0][:, None, :] for b in batches]
+    a = ptq.awq(qm4, {"params": params}, batches, layers="q|k|up", row_mask=_mask)
+    b = ptq.awq(qm4, {"params": params}, kept, layers="q|k|up")
+    np.testing.assert_allclose(np.asarray(a["quant_params"]["q"]["input_smoothing"]),
+                               np.asarray(b["quant_params"]["q"]["input_smoothing"]), rtol=1e-6)
+    with pytest.raises(ValueError, match="row_mask: layer q reads"):
+        ptq.collect_input_stats(qm, {"params": params}, batches, row_mask=lambda x: x[0, :, 0])
+
+
+def _served_kernel(v, name):
+    exported = qatjax.quantize_model_weights(v, pack=False)
+    return np.asarray(qatjax.dequantize_weights(exported)[name]["kernel"])
+
+
+def test_sequential_gptq_takes_each_hessian_from_the_quantized_prefix():
+    batches = _data(seed=8)
+    model = Toy()
+    params = _params(model, batches[0])
+    cfg = QatConfig(weight_format="int4", activation_format=None, weight_granularity="per_group",
+                    weight_group_size=8)
+    qm = quantize_model(model, cfg)
+    v0 = qatjax.finalize(qm, {"params": params}, batches[0])
+    seq = ptq.gptq(qm, v0, batches, act_order=True, sequential=True)
+    one = ptq.gptq(qm, v0, batches, act_order=True)
+    codes = lambda v, n: np.asarray(qatjax.convert(v)["quant_params"][n]["kernel_codes"])  # noqa: E731
+    for name in ("q", "k", "up"):  # they read the model input: the same Hessian either way
+        np.testing.assert_array_equal(codes(seq, name), codes(one, name))
+    # down reads gelu(x W_hat_up + b): its Hessian from the model with up's GPTQ kernel.
+    prefix = jax.tree_util.tree_map(lambda a: a, {"params": params})
+    prefix["params"]["up"] = dict(params["up"], kernel=_served_kernel(seq, "up"))
+    st = ptq.collect_input_stats(qm, prefix, batches, kinds=("hessian",), layers="down")
+    h = qatjax.calibration.hessian_matrix(st["quant_stats"]["down"]["input_hessian"])
+    ref = core.gptq(params["down"]["kernel"], h, cfg.weight_quantizer(), act_order=True)
+    np.testing.assert_array_equal(codes(seq, "down"), np.asarray(ref.codes))
+    assert not np.array_equal(codes(seq, "down"), codes(one, "down"))
+
+
+def test_cross_validated_percdamp_picks_the_held_out_argmin():
+    batches = _data(seed=9, grid=True, rows=2)  # 8 rows per batch, K = 16: rank-deficient
+    model = Toy()
+    params = _params(model, batches[0])
+    cfg = QatConfig(weight_format="int4", activation_format=None, weight_granularity="per_channel")
+    qm = quantize_model(model, cfg)
+    grid = (0.001, 0.1, 10.0)
+    report: dict = {}
+    v = ptq.gptq(qm, {"params": params}, batches, layers="q|up", percdamp=grid, report=report)
+    assert set(report) == {"q", "up"}
+    hs = [(2 * b.reshape(-1, D_IN).astype(np.float64).T @ b.reshape(-1, D_IN)) for b in batches]
+    for name in ("q", "up"):
+        w = params[name]["kernel"].astype(np.float64)
+        errors = []
+        for lam in grid:
+            err = 0.0
+            for i, h_b in enumerate(hs):
+                rest = sum(h for j, h in enumerate(hs) if j != i).astype(np.float32)
+                res = core.gptq(params[name]["kernel"], rest, cfg.weight_quantizer(), percdamp=lam)
+                d = w - (np.asarray(res.codes, np.float64) * np.asarray(res.qparams.scale, np.float64))
+                err += 0.5 * np.sum(d * (h_b @ d))
+            errors.append(err)
+        assert report[name] == grid[int(np.argmin(errors))]
+        ref = core.gptq(params[name]["kernel"], sum(hs).astype(np.float32), cfg.weight_quantizer(),
+                        percdamp=report[name])
+        np.testing.assert_array_equal(
+            np.asarray(qatjax.convert(v)["quant_params"][name]["kernel_codes"]), np.asarray(ref.codes))
+    with pytest.raises(ValueError, match="at least 2"):
+        ptq.gptq(qm, {"params": params}, batches[:1], percdamp=grid)
+
+
+def test_weight_sensitivity_serves_one_kernel_in_the_float_model():
+    batches = _data(seed=10)
+    model = Toy()
+    params = _params(model, batches[0])
+    cfg = QatConfig(weight_format="int4", activation_format=None, weight_granularity="per_group",
+                    weight_group_size=8)
+    qm, v = ptq.run_ptq(model, params, batches, ptq.PTQRecipe(cfg, gptq={"layers": "up"}))
+    rows = ptq.weight_sensitivity(qm, {"params": params}, v, batches[0], metric="relative")
+    assert [r.path for r in rows] == ["q", "k", "up", "down"]
+    y_f = np.asarray(model.apply({"params": params}, batches[0]))
+    for r in rows:
+        p = dict(params)
+        p[r.path] = dict(params[r.path], kernel=_served_kernel(v, r.path))
+        y = np.asarray(model.apply({"params": p}, batches[0]))
+        np.testing.assert_allclose(r.model_error, np.linalg.norm(y - y_f) / np.linalg.norm(y_f),
+                                   rtol=1e-4)
+        assert r.own_error > 0

@@ -31,7 +31,9 @@ im2col / per-kernel-axis layout).
   ``learnable_scales``: ``params/kernel`` = the dequantized kernel and ``params/kernel_scale``
   the GPTQ scales, so QAT continues from the same codes).
 * :func:`layer_sensitivity`: per layer, the model output's error when only that layer is
-  quantized, and the layer's own output error (:func:`qatjax.quant_report`).
+  quantized, and the layer's own output error (:func:`qatjax.quant_report`);
+  :func:`weight_sensitivity`: the same for the served kernels of any quantized variables
+  (GPTQ codes included), weights only.
 * :func:`search_mixed_precision` / :func:`mixed_precision`: a format per layer under an
   average-bits budget minimising the summed sensitivities (exact multiple-choice knapsack),
   as ``quantize_model`` rules and a YAML recipe.
@@ -83,6 +85,7 @@ __all__ = [
     "run_ptq",
     "search_mixed_precision",
     "smoothquant",
+    "weight_sensitivity",
 ]
 
 #: Statistic kind -> its observer (``quant_stats/<layer>/input_<kind>``).
@@ -267,13 +270,33 @@ def _deep_merge(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict:
     return out
 
 
+def _row_mask_of(row_mask: Callable[..., Any] | None, args: tuple, x: jax.Array,
+                 path: str) -> jax.Array | None:
+    """``row_mask(*args)`` flattened to the ``[T]`` float32 rows of a layer's kernel input
+    ``x [T, K]`` (None when ``row_mask`` is None)."""
+    if row_mask is None:
+        return None
+    m = jnp.asarray(row_mask(*args))
+    if m.size != x.shape[0]:
+        raise ValueError(f"row_mask: layer {path} reads {x.shape[0]} rows, but `row_mask` of the "
+                         f"batch has shape {m.shape} ({m.size} elements); it must give one value per "
+                         "row of every selected layer's input (e.g. the [B, T] attention mask "
+                         "of a transformer whose Dense layers read [B, T, features]).")
+    return (m.reshape(-1) != 0).astype(jnp.float32)
+
+
 def _run_pass(model: nn.Module, variables: Mapping[str, Any], batches: Sequence[Any],
               kinds: Sequence[str], paths: frozenset[str], capture: bool, *, progress: bool,
               apply_kwargs: Mapping[str, Any] | None, mesh: Mesh | None,
-              axes: tuple[str, ...] | None, desc: str) -> tuple[dict, dict[str, jax.Array]]:
+              axes: tuple[str, ...] | None, desc: str,
+              row_mask: Callable[..., Any] | None = None,
+              per_batch: bool = False) -> tuple[Any, dict[str, jax.Array]]:
     """One float-mode pass over ``batches``: the statistics ``kinds`` of the layers in
-    ``paths`` (a ``quant_stats`` subtree) and, when ``capture``, their kernel inputs
-    ``{path: [T, K]}`` of every batch, concatenated."""
+    ``paths`` (a ``quant_stats`` subtree; with ``per_batch`` a list of one subtree per batch,
+    each of that batch alone) and, when ``capture``, their kernel inputs ``{path: [T, K]}``
+    of every batch, concatenated. With ``row_mask``, the rows it marks 0 are left out of
+    both (zeroed in the observers' input, the row counts corrected; dropped from the
+    captured inputs)."""
     kwargs = dict(apply_kwargs or {})
 
     def observe(v, args):
@@ -282,12 +305,23 @@ def _run_pass(model: nn.Module, variables: Mapping[str, Any], batches: Sequence[
             if hit is not None and "/".join(hit[0].scope.path) in paths:
                 layer, n_in = hit
                 x = _kernel_input(layer, a[0], n_in)
+                m = _row_mask_of(row_mask, args, x, "/".join(layer.scope.path))
+                if m is not None:
+                    x = x * m[:, None]
+                    left_out = jnp.sum(1 - m).astype(jnp.int32)
+                    if axes is not None:
+                        left_out = jax.lax.psum(left_out, axes)
                 for kind in kinds:
                     obs = STAT_KINDS[kind]()
                     var = layer.variable("quant_stats", f"input_{kind}", obs.init, x)
-                    var.value = obs.update(var.value, x, axis_name=axes)
+                    new = obs.update(var.value, x, axis_name=axes)
+                    if m is not None:  # the masked rows were counted as (zero) rows
+                        new = new._replace(num_rows=new.num_rows - left_out)
+                    var.value = new
                 if capture:
                     layer.sow("ptq_inputs", "x", x)
+                    if m is not None:
+                        layer.sow("ptq_inputs", "m", m)
             return next_fun(*a, **kw)
 
         with quant_mode("float"), nn.intercept_methods(_outermost(interceptor)):
@@ -308,34 +342,47 @@ def _run_pass(model: nn.Module, variables: Mapping[str, Any], batches: Sequence[
     base["quant_stats"] = _strip_stats(base.get("quant_stats", {}), kinds)
     stats: dict = {}
     captured: dict[str, list[jax.Array]] = {}
+    kept: dict[str, list[jax.Array]] = {}
     iterator = batches
     if progress:
         from tqdm.auto import tqdm
 
         iterator = tqdm(batches, desc=desc, unit="batch")
+    each: list[dict] = []
     for batch in iterator:
         v = dict(base)
-        v["quant_stats"] = _deep_merge(base["quant_stats"], stats)
+        v["quant_stats"] = _deep_merge(base["quant_stats"], {} if per_batch else stats)
         stats, sown = step(v, global_batch(_as_args(batch), mesh, axes))
+        each.append(stats)
         for path in paths:
             try:
-                xs = _node(sown, path)["x"]
+                node = _node(sown, path)
+                xs = node["x"]
             except (KeyError, TypeError):
                 continue
             captured.setdefault(path, []).extend(xs)
+            if "m" in node:
+                kept.setdefault(path, []).extend(node["m"])
     if capture and mesh is not None:  # the searches' samples: one unsharded pass
         _, captured_tree = _run_pass(model, variables, batches, (), paths, True,
                                      progress=False, apply_kwargs=apply_kwargs, mesh=None,
-                                     axes=None, desc=desc)
-        return stats, captured_tree
-    return stats, {p: jnp.concatenate(xs) for p, xs in captured.items()}
+                                     axes=None, desc=desc, row_mask=row_mask)
+        return (each if per_batch else stats), captured_tree
+    out = {}
+    for p, xs in captured.items():
+        x = jnp.concatenate(xs)
+        if p in kept:
+            x = x[np.asarray(jnp.concatenate(kept[p])) != 0]
+        out[p] = x
+    return (each if per_batch else stats), out
 
 
 def collect_input_stats(model: nn.Module, variables: Mapping[str, Any], batches: Sequence[Any],
                         *, kinds: Sequence[str] = ("absmax", "mean_abs", "hessian"),
                         layers: str = ".*", progress: bool = False,
                         apply_kwargs: Mapping[str, Any] | None = None, mesh: Mesh | None = None,
-                        data_axis: str | Sequence[str] | None = None) -> dict:
+                        data_axis: str | Sequence[str] | None = None,
+                        row_mask: Callable[..., Any] | None = None) -> dict:
     """Per-input-channel statistics of every dense qatjax layer's input, in one pass.
 
     Each batch runs the model in float mode; the input of every QatDense / QatDenseGeneral
@@ -357,6 +404,12 @@ def collect_input_stats(model: nn.Module, variables: Mapping[str, Any], batches:
         :func:`qatjax.calibrate` does: each device observes its block of the batch and the
         observers reduce exactly (``pmax``, exact sums), so the result is bit for bit one
         device's.
+      row_mask: None (every row counts), or a function of a batch's arguments (the batch
+        unpacked as for ``model.apply``) returning one value per row of each selected
+        layer's input ``[..., K]`` (any shape with that many elements, e.g. the ``[B, T]``
+        attention mask of a transformer): rows where it is 0 (padding) are left out of
+        every statistic (``x_t`` zeroed, so ``sum x^T x`` and ``max|x|`` skip it; the row
+        counts, hence ``mean|x|``, count only the kept rows).
     Returns:
       A new variables dict: ``quant_stats`` holds the fresh statistics (earlier ones of the
       same kinds are replaced; other statistics kept).
@@ -375,7 +428,7 @@ def collect_input_stats(model: nn.Module, variables: Mapping[str, Any], batches:
                          f"(dense layers: {[i.path for i in infos]}).")
     stats, _ = _run_pass(model, variables, batches, tuple(kinds), paths, False,
                          progress=progress, apply_kwargs=apply_kwargs, mesh=mesh, axes=axes,
-                         desc="input statistics")
+                         desc="input statistics", row_mask=row_mask)
     out = _copy(variables)
     out["quant_stats"] = _deep_merge(_strip_stats(out.get("quant_stats", {}), kinds), stats)
     return out
@@ -497,7 +550,8 @@ def smoothquant(model: nn.Module, variables: Mapping[str, Any], batches: Sequenc
                 layers: str = ".*", fold: Mapping[str, str] | None = None,
                 power_of_two: bool = False, progress: bool = False,
                 apply_kwargs: Mapping[str, Any] | None = None, mesh: Mesh | None = None,
-                data_axis: str | Sequence[str] | None = None) -> dict:
+                data_axis: str | Sequence[str] | None = None,
+                row_mask: Callable[..., Any] | None = None) -> dict:
     """SmoothQuant (Xiao et al., 2023) on every dense qatjax layer with quantized activations.
 
     Per group of layers reading one tensor ``X`` (see :func:`input_groups`), with
@@ -520,7 +574,8 @@ def smoothquant(model: nn.Module, variables: Mapping[str, Any], batches: Sequenc
         model's output (ValueError otherwise).
       power_of_two: round the factors to powers of two.
       progress: progress bars over batches and layer groups.
-      apply_kwargs, mesh, data_axis: as :func:`collect_input_stats`.
+      apply_kwargs, mesh, data_axis, row_mask: as :func:`collect_input_stats` (the masked
+        rows are also left out of the search's samples).
     Returns:
       New variables (``params`` kernels smoothed, ``quant_params/input_smoothing``); their
       activation parameters are stale: re-calibrate (:func:`qatjax.calibrate`).
@@ -539,7 +594,7 @@ def smoothquant(model: nn.Module, variables: Mapping[str, Any], batches: Sequenc
     search = alpha is None
     stats, xs = _run_pass(model, variables, batches, ("absmax",), paths, search,
                           progress=progress, apply_kwargs=apply_kwargs, mesh=mesh, axes=axes,
-                          desc="smoothquant statistics")
+                          desc="smoothquant statistics", row_mask=row_mask)
     out = _copy(variables)
     folded = []
     for group in _layer_bar(groups, progress, "smoothquant"):
@@ -571,7 +626,8 @@ def awq(model: nn.Module, variables: Mapping[str, Any], batches: Sequence[Any], 
         n_grid: int = 20, clip: bool = True, max_shrink: float = 0.5, layers: str = ".*",
         fold: Mapping[str, str] | None = None, progress: bool = False,
         apply_kwargs: Mapping[str, Any] | None = None, mesh: Mesh | None = None,
-        data_axis: str | Sequence[str] | None = None) -> dict:
+        data_axis: str | Sequence[str] | None = None,
+        row_mask: Callable[..., Any] | None = None) -> dict:
     """AWQ (Lin et al., 2024) on every dense qatjax layer with integer weights.
 
     Per group of layers reading one tensor ``X``: ``m_j = mean|X_j|`` over all ``batches``
@@ -586,7 +642,7 @@ def awq(model: nn.Module, variables: Mapping[str, Any], batches: Sequence[Any], 
       model, variables, batches: as :func:`qatjax.calibrate` (``batches`` a list).
       n_grid: grid size of both searches; ``max_shrink``: the clip search's range.
       clip: run the clipping search.
-      layers, fold, progress, apply_kwargs, mesh, data_axis: as :func:`smoothquant`.
+      layers, fold, progress, apply_kwargs, mesh, data_axis, row_mask: as :func:`smoothquant`.
     Returns:
       New variables. Re-calibrate static activations afterwards (the inputs changed).
     """
@@ -601,7 +657,7 @@ def awq(model: nn.Module, variables: Mapping[str, Any], batches: Sequence[Any], 
     paths = frozenset(i.path for g in groups for i in g)
     stats, xs = _run_pass(model, variables, batches, ("mean_abs",), paths, True,
                           progress=progress, apply_kwargs=apply_kwargs, mesh=mesh, axes=axes,
-                          desc="awq statistics")
+                          desc="awq statistics", row_mask=row_mask)
     out = _copy(variables)
     folded = []
     for group in _layer_bar(groups, progress, "awq"):
@@ -628,16 +684,42 @@ def awq(model: nn.Module, variables: Mapping[str, Any], batches: Sequence[Any], 
 
 # ----------------------------------------------------------------------------- GPTQ
 def gptq(model: nn.Module, variables: Mapping[str, Any], batches: Sequence[Any], *,
-         block_size: int = 128, percdamp: float = 0.01, act_order: bool = False,
+         block_size: int = 128, percdamp: float | Sequence[float] = 0.01, act_order: bool = False,
+         static_groups: bool = False, scale_search: str = "minmax", n_grid: int = 100,
+         max_shrink: float = 0.8, norm: float = 2.4, sequential: bool = False,
          layers: str = ".*", progress: bool = False,
          apply_kwargs: Mapping[str, Any] | None = None, mesh: Mesh | None = None,
-         data_axis: str | Sequence[str] | None = None) -> dict:
+         data_axis: str | Sequence[str] | None = None,
+         row_mask: Callable[..., Any] | None = None, report: dict | None = None) -> dict:
     """GPTQ (Frantar et al., 2023) codes for every dense qatjax layer with integer weights.
 
-    The Hessians ``H = 2 X^T X`` of all selected layers come from one float-mode pass
+    The Hessians ``H = 2 X^T X`` of the selected layers come from float-mode passes
     (:func:`collect_input_stats`, ``"hessian"``: exact sums, bit for bit the same on any
     number of devices); then each kernel is quantized by :func:`qatjax.ptq.gptq` with its
-    layer's weight recipe. The result is written so that it serves unchanged:
+    layer's weight recipe.
+
+    * ``sequential=False``: one pass, every ``X`` the float model's input of the layer.
+    * ``sequential=True`` (the GPTQ paper's procedure): the selected layers, grouped by the
+      tensor they read (query / key / value together), are quantized in call order, and the
+      Hessians of each group come from a pass in which every layer quantized so far computes
+      with its dequantized GPTQ kernel ``W_hat`` (float mode otherwise: the weight error of
+      the prefix is seen, an activation quantization of the prefix is not). Each layer's
+      codes then also compensate the error its quantized inputs carry... as far as ``H`` of
+      the perturbed inputs allows: GPTQ still minimises ``||X_q W - X_q W_hat||^2`` on the
+      inputs ``X_q`` of the partially quantized model. One pass per group.
+
+    Dampening chosen per layer by cross-validation (``percdamp`` a sequence of candidates
+    ``lambda_c``; at least two batches): with ``H_b`` the Hessian of batch ``b`` alone and
+    ``W_hat_{c,b}`` the GPTQ kernel from ``sum_{b' != b} H_b'`` with ``lambda_c``, the layer
+    keeps the ``lambda_c`` minimising the held-out output error
+    ``sum_b ||X_b (W - W_hat_{c,b})||^2 = sum_b tr(D^T H_b D) / 2`` (``D = W - W_hat_{c,b}``;
+    the first candidate on ties), then runs GPTQ on ``H = sum_b H_b`` with it. The data
+    decide how far to trust ``H``: few calibration rows (fewer than ``K``) leave it
+    rank-deficient, and GPTQ's updates in its null space then fit the calibration set. Costs
+    ``len(percdamp) * (len(batches) + 1)`` GPTQ runs per layer; ``H`` is then a float32 sum
+    of the exact per-batch Hessians (not the exact total).
+
+    The result is written so that it serves unchanged:
 
     * default: ``quant_params/kernel_codes`` / ``kernel_scale`` / ``kernel_zero_point``
       exactly as :func:`qatjax.convert` stores them (the weight path,
@@ -652,8 +734,14 @@ def gptq(model: nn.Module, variables: Mapping[str, Any], batches: Sequence[Any],
 
     Args:
       model, variables, batches: as :func:`qatjax.calibrate` (``batches`` a list).
-      block_size, percdamp, act_order: as :func:`qatjax.ptq.gptq`.
-      layers, progress, apply_kwargs, mesh, data_axis: as :func:`smoothquant`.
+      block_size, percdamp, act_order, static_groups, scale_search, n_grid, max_shrink, norm:
+        as :func:`qatjax.ptq.gptq`; ``percdamp`` may also be a sequence of candidates, chosen
+        per layer by leave-one-batch-out cross-validation (see above).
+      sequential: Hessians from the partially quantized model (see above).
+      layers, progress, apply_kwargs, mesh, data_axis, row_mask: as :func:`smoothquant`
+        (with ``row_mask`` the Hessians sum over the kept rows only, e.g. not over padding).
+      report: None, or a dict that receives ``{layer path: chosen percdamp}`` when
+        ``percdamp`` is cross-validated.
     Returns:
       New variables with the GPTQ codes (see above).
     """
@@ -665,19 +753,83 @@ def gptq(model: nn.Module, variables: Mapping[str, Any], batches: Sequence[Any],
     if not selected:
         raise ValueError(f"{fn}: no QatDense / QatDenseGeneral layer with integer weights matches "
                          f"`layers`={layers!r}.")
+    if not isinstance(sequential, (bool, np.bool_)):
+        raise TypeError(f"{fn}: `sequential` must be a bool, got {sequential!r}.")
+    cv = isinstance(percdamp, Sequence) and not isinstance(percdamp, str)
+    if cv:
+        candidates = core._common.check_grid(percdamp, fn, "percdamp", 0.0, math.inf)
+        if len(batches) < 2:
+            raise ValueError(f"{fn}: choosing `percdamp` among {candidates} cross-validates over "
+                             f"the batches: pass at least 2, got {len(batches)}.")
     if any(_needs_descriptors(variables, i) for i in selected):
         variables = _descriptors(model, variables, selected, batches[0], apply_kwargs, fn)
-    stats, _ = _run_pass(model, variables, batches, ("hessian",), frozenset(i.path for i in selected),
-                         False, progress=progress, apply_kwargs=apply_kwargs, mesh=mesh, axes=axes,
-                         desc="gptq hessians")
+    options = {"block_size": block_size, "act_order": act_order, "static_groups": static_groups,
+               "scale_search": scale_search, "n_grid": n_grid, "max_shrink": max_shrink,
+               "norm": norm}
+    pass_kw = {"apply_kwargs": apply_kwargs, "mesh": mesh, "axes": axes, "row_mask": row_mask,
+               "per_batch": cv}
+    chosen: dict[str, float] = {}
+
+    def quantize_layer(info: LayerInfo, stats: Any) -> jax.Array:
+        kernel, quantizer = _kernel(out, info), info.config.weight_quantizer()
+        if not cv:
+            h = calibration.hessian_matrix(_node(stats, info.path)["input_hessian"])
+            return _write_gptq(out, info, core.gptq(kernel, h, quantizer, percdamp=percdamp,
+                                                    **options))
+        hs = [calibration.hessian_matrix(_node(st, info.path)["input_hessian"]) for st in stats]
+        h = _sum_hessians(hs)
+        lam = _cross_validated_percdamp(kernel, hs, quantizer, candidates, options)
+        chosen[info.path] = lam
+        return _write_gptq(out, info, core.gptq(kernel, h, quantizer, percdamp=lam, **options))
+
     out = _copy(variables)
-    for info in _layer_bar(selected, progress, "gptq"):
-        h = calibration.hessian_matrix(_node(stats, info.path)["input_hessian"])
-        cfg = info.config
-        result = core.gptq(_kernel(out, info), h, cfg.weight_quantizer(), block_size=block_size,
-                           percdamp=percdamp, act_order=act_order)
-        _write_gptq(out, info, result)
+    if not sequential:
+        stats, _ = _run_pass(model, variables, batches, ("hessian",),
+                             frozenset(i.path for i in selected), False, desc="gptq hessians",
+                             progress=progress, **pass_kw)
+        for info in _layer_bar(selected, progress, "gptq"):
+            quantize_layer(info, stats)
+    else:
+        # `work` holds the float kernels with the quantized prefix's W_hat.
+        work = _copy(variables)
+        for group in _layer_bar(_select(infos, layers, _int_weights), progress, "gptq (sequential)"):
+            stats, _ = _run_pass(model, work, batches, ("hessian",),
+                                 frozenset(i.path for i in group), False, desc="gptq hessians",
+                                 progress=False, **pass_kw)
+            for info in group:
+                _set_kernel(work, info, quantize_layer(info, stats))
+    if report is not None:
+        report.update(chosen)
     return out
+
+
+def _sum_hessians(hs: Sequence[jax.Array]) -> jax.Array:
+    """``sum_b H_b`` (float64 accumulation, in batch order; rounded once to float32)."""
+    return jnp.asarray(np.sum([np.asarray(h, np.float64) for h in hs], axis=0), jnp.float32)
+
+
+def _cross_validated_percdamp(kernel: jax.Array, hs: Sequence[jax.Array],
+                              quantizer: Any, candidates: Sequence[float],
+                              options: Mapping[str, Any]) -> float:
+    """The candidate dampening with the smallest leave-one-batch-out output error (see
+    :func:`gptq`)."""
+    w = np.asarray(kernel, np.float64)
+    k, n = w.shape
+    rest = [_sum_hessians([g for j, g in enumerate(hs) if j != b]) for b in range(len(hs))]
+    errors = []
+    for lam in candidates:
+        err = 0.0
+        for h_rest, h_b in zip(rest, hs):
+            res = core.gptq(kernel, h_rest, quantizer, percdamp=lam, **options)
+            scale = np.asarray(res.qparams.scale, np.float64)
+            zp = np.asarray(res.qparams.zero_point, np.float64)
+            codes = np.asarray(res.codes, np.float64)
+            if scale.ndim == 3:  # per group: [G, 1, N] against [G, g, N]
+                codes = codes.reshape(scale.shape[0], -1, n)
+            d = w - ((codes - zp) * scale).reshape(k, n)
+            err += 0.5 * float(np.sum(d * (np.asarray(h_b, np.float64) @ d)))
+        errors.append(err)
+    return float(candidates[int(np.argmin(errors))])
 
 
 def _needs_descriptors(variables: Mapping[str, Any], info: LayerInfo) -> bool:
@@ -698,8 +850,9 @@ def _descriptors(model, variables, selected, sample, apply_kwargs, fn) -> dict:
     return finalize(model, variables, sample, apply_kwargs=apply_kwargs)
 
 
-def _write_gptq(out: dict, info: LayerInfo, result: core.GPTQResult) -> None:
-    """Stores a GPTQ result in the form the layer serves unchanged (see :func:`gptq`)."""
+def _write_gptq(out: dict, info: LayerInfo, result: core.GPTQResult) -> jax.Array:
+    """Stores a GPTQ result in the form the layer serves unchanged (see :func:`gptq`);
+    returns the dequantized kernel ``[K, N]``."""
     qp_tree = _node(out["quant_params"], info.path)
     spec = _layout(qp_tree, False)
     perm = spec.serving_perm(2)
@@ -716,7 +869,7 @@ def _write_gptq(out: dict, info: LayerInfo, result: core.GPTQResult) -> None:
         params["kernel_scale"] = scale.astype(jnp.float32)
         if not info.config.weight_symmetric:
             params["kernel_zero_point"] = zp.astype(jnp.float32)
-        return
+        return w_hat
     served, serving = encode_weight(w_hat, result.qparams, spec)  # the one weight path
     if not np.array_equal(np.asarray(served), np.asarray(codes)):
         raise AssertionError(f"gptq: layer {info.path}: the weight path does not give back the "
@@ -725,6 +878,7 @@ def _write_gptq(out: dict, info: LayerInfo, result: core.GPTQResult) -> None:
     qp_tree["kernel_scale"], qp_tree["kernel_zero_point"] = serving
     for name in ("kernel", "kernel_scale", "kernel_zero_point"):
         params.pop(name, None)
+    return w_hat
 
 
 # ----------------------------------------------------------------------------- sensitivity
@@ -824,6 +978,73 @@ def layer_sensitivity(model: nn.Module, variables: Mapping[str, Any], sample: An
     own = {r.path: r.output_error for r in quant_report(variables, model, sample,
                                                         apply_kwargs=apply_kwargs).layers}
     return tuple(LayerSensitivity(i.path, e, own.get(i.path)) for i, e in zip(infos, errors))
+
+
+def weight_sensitivity(model: nn.Module, float_variables: Mapping[str, Any],
+                       quantized_variables: Mapping[str, Any], sample: Any, *,
+                       metric: str = "cosine", layers: str = ".*",
+                       apply_kwargs: Mapping[str, Any] | None = None
+                       ) -> tuple[LayerSensitivity, ...]:
+    """Each layer's effect on the model output when only its *kernel* is the served one.
+
+    The served kernel ``W_hat_l [K, N]`` of every quantized dense layer of
+    ``quantized_variables`` is what it serves (:func:`qatjax.quantize_model_weights`, then
+    ``(codes - zero_point) * scale``: round to nearest, AWQ-clipped or GPTQ codes alike; for
+    a smoothed layer the kernel of ``x / s``). Per layer ``l``, the model runs in float mode on
+    ``float_variables`` with kernel ``l`` replaced by ``W_hat_l`` (activations and the other
+    layers float), and the error against the float output is measured as in
+    :func:`layer_sensitivity` (``metric``). One compiled program (the kernels are data).
+    Unlike :func:`layer_sensitivity` this also measures layers GPTQ has converted, and it
+    leaves activation quantization out: mixed-precision candidates that share the
+    activation recipe differ by their weights only.
+
+    Args:
+      model: the quantized model (run in float mode).
+      float_variables: its variables with every layer's float kernel (and the same
+        ``input_smoothing`` as ``quantized_variables``).
+      quantized_variables: variables whose weight path gives the served kernels.
+      sample: one batch (a tuple is unpacked).
+      metric, layers, apply_kwargs: as :func:`layer_sensitivity`.
+    Returns:
+      One :class:`LayerSensitivity` per quantized dense layer, in call order
+      (``own_error``: ``||W_hat - W||_F / ||W||_F``).
+    """
+    from qatjax.flax.model import dequantize_weights, quantize_model_weights
+
+    fn = "weight_sensitivity"
+    if metric not in ("cosine", "max_cosine", "relative"):
+        raise ValueError(f"{fn}: `metric` must be 'cosine', 'max_cosine' or 'relative', got {metric!r}.")
+    exported = quantize_model_weights(quantized_variables, pack=False)
+    # The kernels in the smoothed domain (float mode divides the input by s itself).
+    entries = {k: {n: a for n, a in e.items() if n != "input_smoothing"}
+               for k, e in exported["layers"].items()}
+    served = dequantize_weights({"layers": entries, "params": {}})
+    infos = [i for g in _select(input_groups(model, float_variables, sample,
+                                             apply_kwargs=apply_kwargs), layers,
+                                lambda i: i.path in entries) for i in g]
+    if not infos:
+        raise ValueError(f"{fn}: no quantized dense layer of `quantized_variables` matches "
+                         f"`layers`={layers!r}.")
+    kwargs = dict(apply_kwargs or {})
+
+    @jax.jit
+    def run(v, args):
+        with quant_mode("float"):
+            y, _ = model.apply(v, *args, mutable=["quant_stats"], **kwargs)
+        return y
+
+    args = _as_args(sample)
+    ref = run(dict(float_variables), args)
+    rows = []
+    for info in infos:
+        v = _copy(float_variables)
+        w = _kernel(v, info)
+        w_hat = jnp.asarray(_node(served, info.path)["kernel"]).reshape(w.shape)
+        _set_kernel(v, info, w_hat)
+        err = float(_output_error(run(v, args), ref, metric))
+        own = float(jnp.linalg.norm(w_hat - w) / jnp.maximum(jnp.linalg.norm(w), 1e-30))
+        rows.append(LayerSensitivity(info.path, err, own))
+    return tuple(rows)
 
 
 # ----------------------------------------------------------------------------- mixed precision
@@ -1005,7 +1226,8 @@ class PTQRecipe:
             import inspect
 
             allowed = {p.name for p in inspect.signature(fun).parameters.values()
-                       if p.kind == p.KEYWORD_ONLY} - {"progress", "apply_kwargs", "mesh", "data_axis"}
+                       if p.kind == p.KEYWORD_ONLY} - {"progress", "apply_kwargs", "mesh", "data_axis",
+                                                             "row_mask", "report"}
             unknown = sorted(set(settings) - allowed)
             if unknown:
                 raise ValueError(f"PTQRecipe: unknown `{name}` setting(s) {unknown}; known: "
@@ -1057,10 +1279,15 @@ class PTQRecipe:
 
 def run_ptq(float_model: nn.Module, params: Mapping[str, Any], batches: Sequence[Any],
             recipe: PTQRecipe, *, progress: bool = False,
-            apply_kwargs: Mapping[str, Any] | None = None) -> tuple[nn.Module, dict]:
+            apply_kwargs: Mapping[str, Any] | None = None,
+            row_mask: Callable[..., Any] | None = None) -> tuple[nn.Module, dict]:
     """Runs a :class:`PTQRecipe` on a float model: ``quantize_model(float_model, recipe.config,
     rules=recipe.rules)``, then SmoothQuant, AWQ, calibration of static activations (or the
     descriptors only, :func:`qatjax.finalize`), GPTQ -- each when the recipe asks for it.
+
+    ``row_mask`` (a function of a batch's arguments, see :func:`collect_input_stats`) leaves
+    the rows it marks 0 (padding) out of SmoothQuant's, AWQ's and GPTQ's statistics; it is
+    code, not data, so it is an argument here rather than a recipe setting.
 
     Returns:
       ``(quantized model, variables)``: serve with :func:`qatjax.convert` and ``mode="infer"``.
@@ -1070,16 +1297,17 @@ def run_ptq(float_model: nn.Module, params: Mapping[str, Any], batches: Sequence
     batches = _check_batches(batches, "run_ptq")
     qmodel = quantize_model(float_model, recipe.config, rules=recipe.rules)
     kw = {"progress": progress, "apply_kwargs": apply_kwargs}
+    mask_kw = {"row_mask": row_mask}
     v: dict = {"params": params}
     if recipe.smoothquant is not None:
-        v = smoothquant(qmodel, v, batches, **recipe.smoothquant, **kw)
+        v = smoothquant(qmodel, v, batches, **recipe.smoothquant, **kw, **mask_kw)
     if recipe.awq is not None:
-        v = awq(qmodel, v, batches, **recipe.awq, **kw)
+        v = awq(qmodel, v, batches, **recipe.awq, **kw, **mask_kw)
     configs = [c for c in (recipe.config, *(c for _, c in recipe.rules)) if c is not None]
     static = any(c.activation_quantizer() is not None and c.activation_quantizer().static
                  for c in configs)
     v = (calibrate(qmodel, v, batches, **kw) if static
          else finalize(qmodel, v, batches[0], apply_kwargs=apply_kwargs))
     if recipe.gptq is not None:
-        v = gptq(qmodel, v, batches, **recipe.gptq, **kw)
+        v = gptq(qmodel, v, batches, **recipe.gptq, **kw, **mask_kw)
     return qmodel, v

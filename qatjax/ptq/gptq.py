@@ -24,6 +24,23 @@ groups stay contiguous blocks of ``group_size`` input channels in the kernel's o
 (the layout :func:`qatjax.qdot.encode_weight` serves), each computed when the first of
 its rows comes up in the activation order. Per channel and per tensor the parameters
 come from the whole kernel (dead rows zeroed) before the first row.
+
+Options of the parameters (the reference implementation's ``--static-groups`` and its
+quantizer's ``mse=True``, also AutoGPTQ's):
+
+* ``static_groups=True``: every group's parameters come from the *original* kernel (dead rows
+  zeroed) before the first row, instead of from the current weights when the group starts.
+* ``scale_search="mse"``: the range of each parameter set (a group's rows ``[g, N]``, per
+  output channel; per channel the whole column, per tensor the whole kernel) is shrunk by
+  the factor ``p_i = 1 - i / n_grid``, ``i = 0 .. floor(max_shrink * n_grid) - 1``
+  (``quantizer.qparams(p_i * rows)``: ``p_i * absmax``, or ``p_i * min`` / ``p_i * max``),
+  and the factor with the smallest ``sum_rows |w - dequantize(quantize(w))|**norm`` per
+  output channel is kept (the first, i.e. the widest range, on ties); defaults
+  ``n_grid=100, max_shrink=0.8, norm=2.4`` are the reference's.
+  ``scale_search="hessian_mse"`` weights each row's error by its ``H_jj`` (the
+  diagonal of the undampened Hessian, i.e. ``2 sum_t x_tj**2``: what the row's rounding
+  error costs at the output when inputs are uncorrelated), so the search spends the range on
+  the inputs that matter.
 """
 
 from __future__ import annotations
@@ -71,8 +88,13 @@ class GPTQResult(NamedTuple):
     loss: jax.Array
 
 
+SCALE_SEARCHES = ("minmax", "mse", "hessian_mse")
+
+
 def gptq(kernel: jax.Array, hessian: jax.Array, quantizer: WeightQuantizer, *,
-         block_size: int = 128, percdamp: float = 0.01, act_order: bool = False) -> GPTQResult:
+         block_size: int = 128, percdamp: float = 0.01, act_order: bool = False,
+         static_groups: bool = False, scale_search: str = "minmax", n_grid: int = 100,
+         max_shrink: float = 0.8, norm: float = 2.4) -> GPTQResult:
     """GPTQ codes of a Dense kernel (see the module docstring for the algorithm).
 
     Jit-able; the work is one compiled program per shape and recipe (``lax.fori_loop`` over
@@ -90,6 +112,13 @@ def gptq(kernel: jax.Array, hessian: jax.Array, quantizer: WeightQuantizer, *,
       block_size: rows per lazy batch update (``K`` is padded with dead rows to a multiple).
       percdamp: dampening, as a fraction of the mean of ``diag(H)`` (``>= 0``).
       act_order: quantize the rows in the order of decreasing ``diag(H)``.
+      static_groups: all parameters from the original kernel, before the first row (see
+        the module docstring); default: each group's from its current weights.
+      scale_search: ``"minmax"`` (the quantizer's own parameters), ``"mse"`` or
+        ``"hessian_mse"``: the range shrink factor with the smallest (``H_jj``-weighted)
+        ``|w - w_hat|**norm`` error, per output channel of each group (module docstring).
+      n_grid, max_shrink, norm: the search's grid (``p = 1 - i / n_grid`` for
+        ``i < max_shrink * n_grid``) and error exponent; static.
     Returns:
       A :class:`GPTQResult`: codes ``[K, N]``, kernel-form parameters, the loss estimate.
     Raises:
@@ -107,22 +136,64 @@ def gptq(kernel: jax.Array, hessian: jax.Array, quantizer: WeightQuantizer, *,
         raise ValueError(f"{fn}: `block_size` must be a positive int, got {block_size!r}.")
     if not isinstance(act_order, (bool, np.bool_)):
         raise TypeError(f"{fn}: `act_order` must be a bool, got {act_order!r}.")
+    if not isinstance(static_groups, (bool, np.bool_)):
+        raise TypeError(f"{fn}: `static_groups` must be a bool, got {static_groups!r}.")
+    if scale_search not in SCALE_SEARCHES:
+        raise ValueError(f"{fn}: `scale_search` must be one of {SCALE_SEARCHES}, got {scale_search!r}.")
+    if isinstance(n_grid, bool) or not isinstance(n_grid, (int, np.integer)) or n_grid < 1:
+        raise ValueError(f"{fn}: `n_grid` must be a positive int, got {n_grid!r}.")
+    if not isinstance(max_shrink, (int, float)) or not 0 < max_shrink < 1:
+        raise ValueError(f"{fn}: `max_shrink` must be a float in (0, 1), got {max_shrink!r}.")
+    if not isinstance(norm, (int, float)) or not norm > 0:
+        raise ValueError(f"{fn}: `norm` must be a positive float, got {norm!r}.")
     percdamp = jnp.asarray(percdamp, jnp.float32)
     if percdamp.shape != () or (not isinstance(percdamp, jax.core.Tracer) and not percdamp >= 0):
         raise ValueError(f"{fn}: `percdamp` must be a non-negative scalar, got {percdamp}.")
+    search = None
+    if scale_search != "minmax":
+        factors = tuple(1.0 - i / n_grid for i in range(max(1, int(max_shrink * n_grid))))
+        search = (scale_search == "hessian_mse", factors, float(norm))
     return _gptq(kernel.astype(jnp.float32), hessian.astype(jnp.float32), percdamp,
-                 jnp.asarray(act_order), quantizer=quantizer, block_size=min(int(block_size), k))
+                 jnp.asarray(act_order), quantizer=quantizer, block_size=min(int(block_size), k),
+                 static_groups=bool(static_groups), search=search)
 
 
-def _group_qparams(quantizer: WeightQuantizer, rows: jax.Array) -> QParams:
+def _group_qparams(quantizer: WeightQuantizer, rows: jax.Array, search=None,
+                   row_weights: jax.Array | None = None) -> QParams:
     """Parameters ``[N]`` of a group from its current rows ``[g, N]`` (per tensor: the
-    whole kernel's scalars, broadcast)."""
-    if quantizer.granularity != "per_tensor":
+    whole kernel's scalars, broadcast). ``search``: None (min / max) or ``(weighted,
+    factors, norm)``: the shrink factor of the range with the smallest
+    ``sum_rows row_weights * |rows - w_hat|**norm`` (per column; per tensor in all)."""
+    per_tensor = quantizer.granularity == "per_tensor"
+    if not per_tensor:
         quantizer = dataclasses.replace(quantizer, granularity="per_channel", group_size=None)
-    qp = quantizer.qparams(rows, (0,))
     n = rows.shape[1]
-    return QParams(jnp.broadcast_to(jnp.reshape(qp.scale, (-1,)), (n,)),
-                   jnp.broadcast_to(jnp.reshape(qp.zero_point, (-1,)), (n,)))
+
+    def flat(qp):
+        return QParams(jnp.broadcast_to(jnp.reshape(qp.scale, (-1,)), (n,)),
+                       jnp.broadcast_to(jnp.reshape(qp.zero_point, (-1,)), (n,)))
+
+    if search is None:
+        return flat(quantizer.qparams(rows, (0,)))
+    weighted, factors, norm = search
+    fmt = quantizer.format
+
+    def candidate(best, p):
+        qp = flat(quantizer.qparams(rows * p, (0,)))
+        err = jnp.abs(rows - dequantize(quantize(rows, qp, fmt), qp)) ** norm
+        if weighted:
+            err = err * row_weights[:, None]
+        err = jnp.sum(err, axis=0)
+        if per_tensor:
+            err = jnp.broadcast_to(jnp.sum(err), (n,))
+        better = err < best[0]  # strict: the widest range wins ties
+        return (jnp.where(better, err, best[0]), jnp.where(better, qp.scale, best[1]),
+                jnp.where(better, qp.zero_point, best[2])), None
+
+    init = (jnp.full((n,), jnp.inf, jnp.float32), jnp.ones((n,), jnp.float32),
+            jnp.zeros((n,), jnp.int32))
+    (_, scale, zero_point), _ = lax.scan(candidate, init, jnp.asarray(factors, jnp.float32))
+    return QParams(scale, zero_point)
 
 
 def _upper_cholesky_of_inverse(h: jax.Array) -> jax.Array:
@@ -135,8 +206,10 @@ def _upper_cholesky_of_inverse(h: jax.Array) -> jax.Array:
     return m_inv[::-1, ::-1]
 
 
-@functools.partial(jax.jit, static_argnames=("quantizer", "block_size"))
-def _gptq(w, h, percdamp, act_order, quantizer: WeightQuantizer, block_size: int) -> GPTQResult:
+@functools.partial(jax.jit, static_argnames=("quantizer", "block_size", "static_groups",
+                                             "search"))
+def _gptq(w, h, percdamp, act_order, quantizer: WeightQuantizer, block_size: int,
+          static_groups: bool = False, search=None) -> GPTQResult:
     k, n = w.shape
     fmt = quantizer.format
     hp = jax.lax.Precision.HIGHEST
@@ -144,8 +217,10 @@ def _gptq(w, h, percdamp, act_order, quantizer: WeightQuantizer, block_size: int
     dead = diag == 0
     h = h + jnp.diag(jnp.where(dead, 1.0, 0.0))
     w = jnp.where(dead[:, None], 0.0, w)
+    w_orig = w  # dead rows zeroed, kernel order
     perm = jnp.where(act_order, jnp.argsort(-jnp.diagonal(h), stable=True), jnp.arange(k))
     inv_perm = jnp.argsort(perm)
+    row_weights = jnp.diagonal(h)[perm]  # H_jj of each (permuted) row, before dampening
     w = w[perm]
     h = h[perm][:, perm]
     h = h + jnp.eye(k, dtype=h.dtype) * (percdamp * jnp.mean(jnp.diagonal(h)))
@@ -164,6 +239,13 @@ def _gptq(w, h, percdamp, act_order, quantizer: WeightQuantizer, block_size: int
     scale = jnp.ones((num_groups + 1, n), jnp.float32)
     zero_point = jnp.zeros((num_groups + 1, n), jnp.int32)
     ready = jnp.arange(num_groups + 1) == num_groups
+    if static_groups:  # every group from the original kernel, up front
+        w_groups = w_orig.reshape(num_groups, group_size, n)
+        diag_groups = row_weights[inv_perm].reshape(num_groups, group_size)
+        qps = jax.vmap(lambda r, d: _group_qparams(quantizer, r, search, d))(w_groups, diag_groups)
+        scale = scale.at[:num_groups].set(qps.scale)
+        zero_point = zero_point.at[:num_groups].set(qps.zero_point)
+        ready = jnp.ones_like(ready)
     rows_kp = jnp.arange(kp)
 
     def block(i_block, carry):
@@ -178,7 +260,7 @@ def _gptq(w, h, percdamp, act_order, quantizer: WeightQuantizer, block_size: int
             in_block = (pos >= i1) & (pos < i1 + b)
             pending = jnp.matmul(u_rows[:, pos].T, err1, precision=hp)
             current = jnp.where(in_block[:, None], w1[jnp.clip(pos - i1, 0, b - 1)], w[pos] - pending)
-            qp = _group_qparams(quantizer, current)
+            qp = _group_qparams(quantizer, current, search, row_weights[pos])
             return scale.at[g].set(qp.scale), zero_point.at[g].set(qp.zero_point), ready.at[g].set(True)
 
         def column(i, carry):
