@@ -395,3 +395,22 @@ def test_weight_sensitivity_serves_one_kernel_in_the_float_model():
         np.testing.assert_allclose(r.model_error, np.linalg.norm(y - y_f) / np.linalg.norm(y_f),
                                    rtol=1e-4)
         assert r.own_error > 0
+
+
+def test_the_minilm_ptq_example_on_a_tiny_bert(tmp_path, capsys):
+    """examples/minilm_ptq.py --tiny: one row per method on a small random-weight BERT,
+    served; GPTQ beats round to nearest, the mixed plan keeps its budget, the plot is drawn."""
+    import minilm_ptq  # examples/ is on sys.path (tests/conftest.py)
+
+    r = minilm_ptq.main(["--tiny", "--plot", str(tmp_path / "ptq.png")])
+    out = capsys.readouterr().out
+    rows = {name: (mn, mean) for name, mn, mean, _ in r.rows}
+    assert list(rows) == [
+        "W8A8 static per-tensor", "+ SmoothQuant a=0.8, LN-output layers",
+        "int4 g32 weight-only RTN", "int4 g32 weight-only GPTQ seq hmse",
+        "int4 g32 weight-only AWQ", "mixed 5.00 b/w (2 int8/4 int4), SQ, RTN",
+        "mixed 5.00 b/w (2 int8/4 int4), SQ, GPTQ(<8b) seq hmse"]
+    assert all(0.9 < mn <= mean <= 1.0 for mn, mean in rows.values())
+    assert rows["int4 g32 weight-only GPTQ seq hmse"][0] > rows["int4 g32 weight-only RTN"][0]
+    assert "budget 5.0: plan 5.000 bits/weight" in out
+    assert (tmp_path / "ptq.png").stat().st_size > 0

