@@ -7,6 +7,8 @@ per-channel weights, static uint8 activations). Each row times one jitted call o
 batch of token ids:
 
 * ``float``: the float model, ``model.apply``;
+* ``quantized, float mode``: the quantized model in float mode (the same graph as calibrate
+  mode without its observers);
 * ``calibrate histogram``: the quantized model in calibrate mode with the histogram observer
   (2048 bins, the default of the mse / percentile / entropy estimators), returning the
   float output and the updated ``quant_stats``;
@@ -88,6 +90,16 @@ def main(argv: list[str] | None = None) -> None:
 
     float_fn = jax.jit(model.apply)
     fns = {"float": lambda: float_fn({"params": params}, ids, mask)}
+    # The quantized model in float mode: the same graph without observers (quantize_model's
+    # interception computes the attention einsums in its own layout).
+    qfloat = quantize_model(model, W8A8)
+
+    def float_mode(v, *args):
+        with quant_mode("float"):
+            return qfloat.apply(v, *args)
+
+    qfloat_fn = jax.jit(float_mode)
+    fns["quantized, float mode"] = lambda: qfloat_fn({"params": params}, ids, mask)
     for name, cfg in (("calibrate histogram", W8A8),
                       ("calibrate minmax", W8A8.replace(activation_observer="minmax",
                                                         activation_estimator="minmax"))):
