@@ -34,9 +34,9 @@ import os
 import platform
 import sys
 import time
-from unittest import mock
 from collections.abc import Callable
 from typing import Any
+from unittest import mock
 
 import jax
 import jax.numpy as jnp

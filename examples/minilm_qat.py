@@ -70,10 +70,10 @@ import qatjax
 from qatjax import QatConfig
 from qatjax.flax import (
     Distiller,
-    ptq,
     DistillState,
     distiller,
     embedding_distance,
+    ptq,
     quant_mode,
     quantize_model,
 )

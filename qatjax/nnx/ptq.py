@@ -39,8 +39,13 @@ from flax import nnx
 from qatjax.config import QatConfig
 from qatjax.flax import ptq as linen_ptq
 from qatjax.nnx.layers import VARIABLE_TYPES, _LinenBacked, linen_view
-from qatjax.nnx.model import (calibrate, collections, quantize_model, quantized_layers,
-                              set_collections)
+from qatjax.nnx.model import (
+    calibrate,
+    collections,
+    quantize_model,
+    quantized_layers,
+    set_collections,
+)
 
 __all__ = ["collect_input_stats", "input_groups", "smoothquant", "awq", "gptq",
            "layer_sensitivity", "mixed_precision", "run_ptq"]
