@@ -63,6 +63,7 @@ from jax.sharding import PartitionSpec as P
 from qatjax import calibration
 from qatjax import ptq as core
 from qatjax.config import QatConfig
+from qatjax.flax.intercept import _within
 from qatjax.flax.layers import QatDense, QatDenseGeneral, _QuantLayer, quant_mode
 from qatjax.flax.model import (_as_args, _layout, calibrate, data_axes, finalize,
                                global_batch, quant_report)
@@ -303,26 +304,32 @@ def _run_pass(model: nn.Module, variables: Mapping[str, Any], batches: Sequence[
         def interceptor(next_fun, a, kw, context):
             hit = _dense_call(context)
             if hit is not None and "/".join(hit[0].scope.path) in paths:
-                layer, n_in = hit
-                x = _kernel_input(layer, a[0], n_in)
-                m = _row_mask_of(row_mask, args, x, "/".join(layer.scope.path))
-                if m is not None:
-                    x = x * m[:, None]
-                    left_out = jnp.sum(1 - m).astype(jnp.int32)
-                    if axes is not None:
-                        left_out = jax.lax.psum(left_out, axes)
-                for kind in kinds:
-                    obs = STAT_KINDS[kind]()
-                    var = layer.variable("quant_stats", f"input_{kind}", obs.init, x)
-                    new = obs.update(var.value, x, axis_name=axes)
-                    if m is not None:  # the masked rows were counted as (zero) rows
-                        new = new._replace(num_rows=new.num_rows - left_out)
-                    var.value = new
-                if capture:
-                    layer.sow("ptq_inputs", "x", x)
-                    if m is not None:
-                        layer.sow("ptq_inputs", "m", m)
+                # The statistics are the tool's computation, not the model's: outside any
+                # quantize_model frame of the enclosing module (whose contractions it would
+                # otherwise intercept, e.g. the Hessian's X^T X).
+                _within(None, record, (hit, a), {})
             return next_fun(*a, **kw)
+
+        def record(hit, a):
+            layer, n_in = hit
+            x = _kernel_input(layer, a[0], n_in)
+            m = _row_mask_of(row_mask, args, x, "/".join(layer.scope.path))
+            if m is not None:
+                x = x * m[:, None]
+                left_out = jnp.sum(1 - m).astype(jnp.int32)
+                if axes is not None:
+                    left_out = jax.lax.psum(left_out, axes)
+            for kind in kinds:
+                obs = STAT_KINDS[kind]()
+                var = layer.variable("quant_stats", f"input_{kind}", obs.init, x)
+                new = obs.update(var.value, x, axis_name=axes)
+                if m is not None:  # the masked rows were counted as (zero) rows
+                    new = new._replace(num_rows=new.num_rows - left_out)
+                var.value = new
+            if capture:
+                layer.sow("ptq_inputs", "x", x)
+                if m is not None:
+                    layer.sow("ptq_inputs", "m", m)
 
         with quant_mode("float"), nn.intercept_methods(_outermost(interceptor)):
             _, upd = model.apply(v, *args, mutable=["quant_stats", "ptq_inputs"], **kwargs)
