@@ -150,15 +150,18 @@ def test_mixed_precision_and_a_recipe_on_a_float_nnx_model_equal_linen():
 
 
 def test_gptq_with_static_activations_inside_intercepted_modules_equals_linen():
-    """The tools' own statistics (the Hessian's X^T X) run outside the enclosing module's
-    quantize_model frame: with static activations that frame would otherwise treat them as the
-    model's contractions (an observer of its own; on NNX, a mutation from inside a trace)."""
+    """The tools' own statistics (the Hessian's X^T X) and the drop-ins' contractions run
+    outside the enclosing module's quantize_model frame: with static activations that frame
+    would otherwise treat them as the model's contractions (an observer of its own; on NNX, a
+    mutation from inside a trace)."""
     batches = _batches()
     config = W4.replace(activation_format="int8", activation_estimator="minmax",
                         activation_observer="minmax")
     model, lmodel, v = _pair(config)
     qnnx.calibrate(model, batches)
     v = qatjax.calibrate(lmodel, v, batches)
+    assert [s.model_error for s in qnnx.ptq.layer_sensitivity(model, batches[0])] == \
+        [s.model_error for s in ptq.layer_sensitivity(lmodel, v, batches[0])]
     qnnx.ptq.gptq(model, batches)
     expected = ptq.gptq(lmodel, v, batches)
     _assert_same(model, expected, cols=("params", "quant_params"))

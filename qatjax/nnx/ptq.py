@@ -38,6 +38,7 @@ from flax import nnx
 
 from qatjax.config import QatConfig
 from qatjax.flax import ptq as linen_ptq
+from qatjax.flax.intercept import _within
 from qatjax.nnx.layers import VARIABLE_TYPES, _LinenBacked, linen_view
 from qatjax.nnx.model import (
     calibrate,
@@ -82,15 +83,17 @@ class _View:
         mode = kwargs.pop("mode", None) or layer.mode
         if mode is not None:
             kwargs["mode"] = mode
+        # As in the layer's own call: nothing inside it is intercepted by the enclosing
+        # module's quantize_model frame.
         if len(path) == 1:
             twin = self.top.get(path[0])
             if twin is None:
                 twin = self.top[path[0]] = layer._twin.clone(parent=self.host, name=path[0])
-            return twin(*args, **kwargs)
+            return _within(None, twin, args, kwargs)
         node = self.top.get(path[0])
         if node is None:
             node = self.top[path[0]] = _Node(parent=self.host, name=path[0])
-        return node(path[1:], _Frozen(layer._twin), *args, **kwargs)
+        return _within(None, node, (path[1:], _Frozen(layer._twin)) + tuple(args), kwargs)
 
 
 class _LinenView(nn.Module):
