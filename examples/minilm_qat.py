@@ -38,10 +38,10 @@ saved to ``OUT/minilm_qat_loss.png`` and the table to ``OUT/minilm_qat_results.t
 
 ``--from gptq|awq|smoothquant`` starts QAT from that post-training method instead
 (:func:`method_start`), applied to the LSQ student with the start variant's calibration: GPTQ
-(act-order) writes the dequantized kernel and the GPTQ scales into ``params``, so step 0
-serves the GPTQ codes; AWQ (scales and clipping) and SmoothQuant (``alpha=0.8`` on the layers
-reading a LayerNorm output) rescale the kernels and set the layers' ``input_smoothing``, then
-the activations are re-calibrated. The method's own served result is a PTQ row of the table.
+(act-order, sequential, H_jj-weighted scale search) writes the dequantized kernel and the
+GPTQ scales into ``params``, so step 0 serves the GPTQ codes; AWQ (scales and clipping) and
+SmoothQuant (``alpha=0.8`` on the layers reading a LayerNorm output) rescale the kernels and
+set the layers' ``input_smoothing``, then the activations are re-calibrated. The method's own served result is a PTQ row of the table.
 More generally :func:`run_recipe` takes ``start(lsq_model, float_params, calibration_batches)
 -> variables``: any variables of the LSQ student whose ``params`` hold the kernels and scales
 train mode reads.
@@ -433,8 +433,9 @@ def method_start(method: str, variant: Variant, default_start: Callable[..., dic
     """A ``start(lsq_model, float_params, calib) -> variables`` of :func:`run_recipe` from a
     post-training method (one of :data:`PTQ_METHODS`) on the LSQ student of ``variant``:
 
-    * ``"gptq"``: :func:`qatjax.flax.ptq.gptq` (act-order) on ``default_start``'s variables
-      (the variant's calibration); step 0 serves the GPTQ codes;
+    * ``"gptq"``: :func:`qatjax.flax.ptq.gptq` (act-order, sequential, H_jj-weighted group
+      scale search: the best variant on MiniLM) on ``default_start``'s variables (the
+      variant's calibration); step 0 serves the GPTQ codes;
     * ``"awq"``: :func:`qatjax.flax.ptq.awq` (scales and clipping), then the variant's
       calibration of the rescaled model;
     * ``"smoothquant"`` (static activations only): :func:`qatjax.flax.ptq.smoothquant` with
@@ -448,7 +449,8 @@ def method_start(method: str, variant: Variant, default_start: Callable[..., dic
 
     def start(qm: nn.Module, params: dict, calib: list) -> dict:
         if method == "gptq":
-            return ptq.gptq(qm, default_start(qm, params, calib), calib, act_order=True)
+            return ptq.gptq(qm, default_start(qm, params, calib), calib, act_order=True,
+                            sequential=True, scale_search="hessian_mse")
         if method == "awq":
             rescaled = ptq.awq(qm, {"params": params}, calib)
         else:

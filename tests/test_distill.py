@@ -273,7 +273,7 @@ def test_the_example_starts_qat_from_gptq_codes(tiny):
     start = minilm_qat.method_start("gptq", variant, default_start)(qmodel, params, calib)
     plain = quantize_model(model, variant.config, rules=variant.rules)
     served = ptq.gptq(plain, qatjax.finalize(plain, {"params": params}, calib[0]), calib,
-                      act_order=True)
+                      act_order=True, sequential=True, scale_search="hessian_mse")
     for layer in ("query", "value"):
         np.testing.assert_array_equal(
             qatjax.convert(start)["quant_params"]["layer_0"]["attention"][layer]["kernel_codes"],
