@@ -264,9 +264,10 @@ def _reset_stats(model: nnx.Module) -> None:
             intercept = getattr(owner, "_qatjax_intercept", None)
             config = intercept[0] if intercept and re.fullmatch(r"\w+\d+_(lhs|rhs)", name) else None
         act = None if config is None else config.activation_quantizer()
-        if act is not None and act.static and jax.tree_util.tree_structure(act.init()) == \
+        empty = act.init() if act is not None and act.static else None
+        if empty is not None and jax.tree_util.tree_structure(empty) == \
                 jax.tree_util.tree_structure(variable.get_value()):
-            variable.set_value(act.init())
+            variable.set_value(empty)
         else:  # created afresh by the next call, if at all
             delattr(owner, name)
 
