@@ -35,7 +35,8 @@ Usage::
 ``--tiny`` runs one row of each method on a small random-weight BERT (no download; the test
 suite runs it): the plain and the LayerNorm-output SmoothQuant rows, int4 g32 with round to
 nearest, the chosen GPTQ variants (default sequential with the H_jj-weighted scale search)
-and AWQ, and the mixed-precision plan without the floors.
+and AWQ, and the mixed-precision plan without the floors, from round-to-nearest int4
+sensitivities and without GPTQ on the plan (GPTQ has its own row).
 """
 
 from __future__ import annotations
@@ -220,7 +221,8 @@ def run_mixed(r: Runner, budgets: Sequence[float], plot_data: dict, int6: bool =
     fit, held_out = r.calib[:-1], r.calib[-1]
     candidates = (("int8", w8, False), *((("int6", w6, False),) if int6 else ()),
                   ("int4_g32", w4, False), ("int4_g32_gptq", w4, True))
-    for name, cfg, with_gptq in [c for c in candidates if not (r.quick and c[0] == "int4_g32")]:
+    # --tiny: int4 sensitivities after round to nearest (GPTQ has its own rows above).
+    for name, cfg, with_gptq in [c for c in candidates if not (r.quick and c[2])]:
         qm = quantize_model(r.model, cfg)
         v = qatjax.calibrate(qm, smoothed, r.calib)
         vq = ptq.gptq(qm, v, fit, act_order=True, scale_search="hessian_mse") if with_gptq else v
@@ -231,7 +233,8 @@ def run_mixed(r: Runner, budgets: Sequence[float], plot_data: dict, int6: bool =
     for name, rows in table.items():
         print(f"  sum of sensitivities, all {name}: {sum(x.model_error for x in rows):.5f}")
     plot_data["sensitivity"] = table
-    errors = {n: {x.path: x.model_error for x in table["int4_g32_gptq" if n == "int4_g32" else n]}
+    int4_table = "int4_g32" if r.quick else "int4_g32_gptq"
+    errors = {n: {x.path: x.model_error for x in table[int4_table if n == "int4_g32" else n]}
               for n in cands}
     for budget in budgets:
         t1 = time.perf_counter()
@@ -246,7 +249,7 @@ def run_mixed(r: Runner, budgets: Sequence[float], plot_data: dict, int6: bool =
         r.evaluate(f"mixed {plan.avg_bits:.2f} b/w ({tag}), SQ, RTN", qm, v,
                    time.perf_counter() - t1)
         low = "|".join(p for p, c in plan.rules_by_name() if c != "int8")
-        if low:
+        if low and not r.quick:
             v = ptq.gptq(qm, v, r.calib, **gptq_kw, layers=low)
             r.evaluate(f"mixed {plan.avg_bits:.2f} b/w ({tag}), SQ, GPTQ(<8b) seq hmse", qm, v,
                        time.perf_counter() - t1)
