@@ -74,13 +74,21 @@ def _data(shape, n, seed=0):
     return np.random.default_rng(seed).normal(size=(n,) + shape).astype(np.float32)
 
 
-def _infer(model, variables, x):
+def _server(model, variables):
+    """Infer mode on the converted variables, compiled once per model: ``x -> outputs``."""
     @jax.jit
     def run(served, x):
         with quant_mode("infer"):
             return model.apply(served, x)
 
-    return np.asarray(run(qatjax.convert(variables), x))
+    served = qatjax.convert(variables)
+    return lambda x: np.asarray(run(served, x))
+
+
+@nnx.jit
+def _nnx_infer(model, x):
+    with quant_mode("infer"):
+        return model(x)
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +103,7 @@ def exported(tmp_path_factory):
         variables = qatjax.calibrate(model, jax.jit(model.init)(jax.random.key(0), x), [x])
         artifact = export.export_stablehlo(model, x, variables=variables)
         paths = artifact.save(root / f"{name}.jaxexport")
-        out[name] = (*paths, lambda x, m=model, v=variables: _infer(m, v, x), artifact, variables)
+        out[name] = (*paths, _server(model, variables), artifact, variables)
         if name == "int8_w8a8":
             const = export.export_stablehlo(model, x, variables=variables, weights="constants")
             assert const.weights is None
@@ -106,11 +114,7 @@ def exported(tmp_path_factory):
     qnnx.calibrate(net, [_data((16,), 8)])
     artifact = export.export_stablehlo(net, _data((16,), 2))
     served = qnnx.convert(nnx.clone(net))
-
-    def nnx_ref(x):
-        with quant_mode("infer"):
-            return np.asarray(served(x))
-
+    nnx_ref = lambda x: np.asarray(_nnx_infer(served, x))  # noqa: E731
     out["nnx_int8"] = (*artifact.save(root / "nnx_int8.jaxexport"), nnx_ref, artifact, None)
     return out
 
@@ -322,9 +326,7 @@ def test_nnx_round_trip_through_set_collections(exported, tmp_path):
     qnnx.quantize_model(fresh, qatjax.QatConfig())
     qnnx.set_collections(fresh, export.load_safetensors(path))
     x = _data((16,), 4, seed=3)
-    with quant_mode("infer"):
-        got = np.asarray(fresh(x))
-    np.testing.assert_array_equal(got, exported["nnx_int8"][2](x))
+    np.testing.assert_array_equal(np.asarray(_nnx_infer(fresh, x)), exported["nnx_int8"][2](x))
 
 
 def test_export_argument_errors():

@@ -88,20 +88,20 @@ def test_conv_with_mask_converts_the_masked_kernel():
     mask = jnp.zeros((3, 3, 4, 6)).at[1, 1].set(1.0)
     layer = QatConv(6, (3, 3), mask=mask, config=qatjax.QatConfig(activation_scaling="dynamic"))
     x = jax.random.normal(jax.random.key(0), (2, 6, 6, 4))
-    v = layer.init(jax.random.key(1), x)
+    v = jax.jit(layer.init)(jax.random.key(1), x)
     v["params"]["kernel"] = v["params"]["kernel"] + 3.0  # large values where the mask is 0
-    train = layer.apply(v, x, mode="train")
-    np.testing.assert_array_equal(np.asarray(layer.apply(qatjax.convert(v), x, mode="infer")),
-                                  np.asarray(train))
+    run = jax.jit(lambda v, x, mode: layer.apply(v, x, mode=mode), static_argnums=2)
+    train = run(v, x, "train")
+    np.testing.assert_array_equal(np.asarray(run(qatjax.convert(v), x, "infer")), np.asarray(train))
 
 
 def test_conv_learnable_scales_create_and_train_the_weight_scale():
     cfg = qatjax.QatConfig(learnable_scales=True, activation_observer="minmax", activation_estimator="minmax")
     layer = QatConv(6, (3, 3), config=cfg)
     x = jax.random.normal(jax.random.key(0), (2, 6, 6, 4))
-    v = qatjax.calibrate(layer, layer.init(jax.random.key(1), x), [x])
+    v = qatjax.calibrate(layer, jax.jit(layer.init)(jax.random.key(1), x), [x])
     assert v["params"]["kernel_scale"].shape == (6,)
-    g = jax.grad(lambda p: layer.apply({**v, "params": p}, x, mode="train").sum())(v["params"])
+    g = jax.jit(jax.grad(lambda p: layer.apply({**v, "params": p}, x, mode="train").sum()))(v["params"])
     assert np.all(np.isfinite(np.asarray(g["kernel_scale"]))) and np.any(np.asarray(g["kernel_scale"]) != 0)
 
 
@@ -110,8 +110,9 @@ def test_conv_unsigned_weights_do_not_wrap():
     cfg = qatjax.QatConfig(weight_format="uint8", weight_symmetric=False, activation_scaling="dynamic")
     layer = QatConv(6, (3, 3), config=cfg)
     x = jax.random.normal(jax.random.key(0), (2, 6, 6, 4))
-    v = layer.init(jax.random.key(1), x)
-    y, yf = layer.apply(v, x, mode="train"), layer.apply(v, x, mode="float")
+    v = jax.jit(layer.init)(jax.random.key(1), x)
+    run = jax.jit(lambda v, x, mode: layer.apply(v, x, mode=mode), static_argnums=2)
+    y, yf = run(v, x, "train"), run(v, x, "float")
     assert np.max(np.abs(np.asarray(y - yf))) < 0.05 * np.max(np.abs(np.asarray(yf)))
 
 
@@ -135,7 +136,7 @@ class _MyDense(nn.Dense):
 def test_quantize_model_reaches_attention_einsums_and_dense_subclasses(quantize_attention_einsums):
     x = jax.random.normal(jax.random.key(0), (2, 5, 16))
     model = _Block()
-    float_params = model.init(jax.random.key(1), x)["params"]
+    float_params = jax.jit(model.init)(jax.random.key(1), x)["params"]
     cfg = qatjax.QatConfig(activation_observer="minmax", activation_estimator="minmax")
     rules = [] if quantize_attention_einsums else [("attn", None)]
     q = quantize_model(model, cfg, rules=rules)
@@ -164,7 +165,7 @@ def test_quantize_model_reaches_attention_einsums_and_dense_subclasses(quantize_
         with quant_mode("train"):
             return jnp.sum(q.apply({**v, "params": p}, x) ** 2)
 
-    grads = jax.grad(loss)(v["params"])
+    grads = jax.jit(jax.grad(loss))(v["params"])
     assert float(jnp.abs(grads["down"]["kernel"]).sum()) > 0
 
 
@@ -222,10 +223,15 @@ def test_intercepted_conv_with_string_padding_equals_its_float_module_in_float_m
                                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
     x = jax.random.normal(jax.random.key(0), (2, 7, 8, 4))
-    params = Net().init(jax.random.key(1), x)["params"]
+    params = jax.jit(Net().init)(jax.random.key(1), x)["params"]
     q = quantize_model(Net(), qatjax.QatConfig(activation_scaling="dynamic"))
-    with quant_mode("train"):
-        y = q.apply({"params": params}, x)
-    yf = Net().apply({"params": params}, x)
+
+    @jax.jit
+    def train(variables, x):
+        with quant_mode("train"):
+            return q.apply(variables, x)
+
+    y = train({"params": params}, x)
+    yf = jax.jit(Net().apply)({"params": params}, x)
     assert y.shape == yf.shape
     assert float(jnp.max(jnp.abs(y - yf))) < 0.03 * float(jnp.max(jnp.abs(yf)))

@@ -1,6 +1,7 @@
 """Model tools: calibrate, report, convert, export / import, checkpoints, multi-device calibration."""
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import flax.serialization
@@ -152,9 +153,11 @@ def test_convert_stores_codes_only_and_export_round_trips():
     imported = qatjax.dequantize_weights(exported)
     # Import gives exactly the fake-quantized kernels that train mode uses.
     w = v["params"]["QatDense_0"]["kernel"]
-    wq = qatjax.qparams_from_amax(jnp.max(jnp.abs(w), axis=0, keepdims=True), qatjax.int4)
+    reference = jax.jit(lambda w: qatjax.fake_quant(
+        w, qatjax.qparams_from_amax(jnp.max(jnp.abs(w), axis=0, keepdims=True), qatjax.int4),
+        qatjax.int4))
     np.testing.assert_array_equal(np.asarray(imported["QatDense_0"]["kernel"]),
-                                  np.asarray(qatjax.fake_quant(w, wq, qatjax.int4)))
+                                  np.asarray(reference(w)))
     np.testing.assert_array_equal(np.asarray(imported["QatDense_0"]["bias"]),
                                   np.asarray(v["params"]["QatDense_0"]["bias"]))
 
@@ -164,14 +167,18 @@ def test_per_group_affine_export_round_trip():
                     weight_symmetric=False)
     layer = QatDense(5, config=cfg.replace(activation_scaling="dynamic"))
     x = jnp.ones((2, 16))
-    v = layer.init(jax.random.key(0), x)
+    v = jax.jit(layer.init)(jax.random.key(0), x)
     exported = qatjax.quantize_model_weights(v)
     imported = qatjax.dequantize_weights(exported)
-    g = qatjax.split_groups(v["params"]["kernel"], 0, 8)  # [G, 8, N]
-    qp = qatjax.qparams_from_minmax(g.min(1, keepdims=True), g.max(1, keepdims=True), qatjax.int4,
-                                    symmetric=False)
-    ref = qatjax.merge_groups(qatjax.fake_quant(g, qp, qatjax.int4), 0)
-    np.testing.assert_array_equal(np.asarray(imported["kernel"]), np.asarray(ref))
+
+    @jax.jit
+    def reference(kernel):
+        g = qatjax.split_groups(kernel, 0, 8)  # [G, 8, N]
+        qp = qatjax.qparams_from_minmax(g.min(1, keepdims=True), g.max(1, keepdims=True),
+                                        qatjax.int4, symmetric=False)
+        return qatjax.merge_groups(qatjax.fake_quant(g, qp, qatjax.int4), 0)
+
+    np.testing.assert_array_equal(np.asarray(imported["kernel"]), np.asarray(reference(v["params"]["kernel"])))
 
 
 class _ScanBody(nn.Module):
@@ -202,23 +209,28 @@ class ScannedNet(nn.Module):
 def test_layers_stacked_by_nn_scan_calibrate_convert_report_and_export(cfg):
     model = ScannedNet(cfg)
     batches = [jax.random.normal(jax.random.key(i), (8, 12)) for i in range(3)]
-    v = qatjax.calibrate(model, model.init(jax.random.key(1), batches[0]), batches)
+    v = qatjax.calibrate(model, jax.jit(model.init)(jax.random.key(1), batches[0]), batches)
     layer_qp = v["quant_params"]["blocks"]["QatDense_0"]
     assert layer_qp["input_scale"].shape == (3,)
     x = batches[1]
-    with qatjax.flax.quant_mode("train"):
-        y_train = model.apply(v, x)
+
+    @functools.partial(jax.jit, static_argnums=2)
+    def run(variables, x, mode):
+        with qatjax.flax.quant_mode(mode):
+            return model.apply(variables, x)
+
+    y_train = run(v, x, "train")
     served = qatjax.convert(v)
     codes = served["quant_params"]["blocks"]["QatDense_0"]["kernel_codes"]
     assert codes.shape == (3, 12, 12) and "kernel" not in served["params"]["blocks"]["QatDense_0"]
-    with qatjax.flax.quant_mode("infer"):
-        np.testing.assert_array_equal(np.asarray(model.apply(served, x)), np.asarray(y_train))
+    np.testing.assert_array_equal(np.asarray(run(served, x, "infer")), np.asarray(y_train))
     # Each stacked layer converts exactly as the same layer on its own would.
     kernels = v["params"]["blocks"]["QatDense_0"]["kernel"]
+    single = QatDense(12, config=cfg.replace(activation_scaling="dynamic"))
+    single_qp = jax.jit(single.init)(jax.random.key(0), x)["quant_params"]  # its recipe descriptors
     for i in range(3):
-        single = QatDense(12, config=cfg.replace(activation_scaling="dynamic"))
         own = qatjax.convert({"params": {"kernel": kernels[i], "bias": jnp.zeros(12)},
-                              "quant_params": single.init(jax.random.key(0), x)["quant_params"]})
+                              "quant_params": single_qp})
         np.testing.assert_array_equal(np.asarray(codes[i]), np.asarray(own["quant_params"]["kernel_codes"]))
     report = qatjax.quant_report(v)
     assert [r.path for r in report.layers] == [f"blocks/QatDense_0[{i}]" for i in range(3)]
@@ -226,17 +238,19 @@ def test_layers_stacked_by_nn_scan_calibrate_convert_report_and_export(cfg):
     imported = qatjax.dequantize_weights(qatjax.quantize_model_weights(v))
     w_hat = imported["blocks"]["QatDense_0"]["kernel"]
     assert w_hat.shape == kernels.shape
-    for i in range(3):
-        w = kernels[i]
+
+    @jax.jit
+    def reference(w):  # one layer's fake-quantized kernel
         if cfg.weight_granularity == "per_group":
             g = qatjax.split_groups(w, 0, 4)
             qp = qatjax.qparams_from_minmax(g.min(1, keepdims=True), g.max(1, keepdims=True),
                                             cfg.weight_format, symmetric=False)
-            ref = qatjax.merge_groups(qatjax.fake_quant(g, qp, cfg.weight_format), 0)
-        else:
-            qp = qatjax.qparams_from_amax(jnp.max(jnp.abs(w), axis=0, keepdims=True), cfg.weight_format)
-            ref = qatjax.fake_quant(w, qp, cfg.weight_format)
-        np.testing.assert_array_equal(np.asarray(w_hat[i]), np.asarray(ref))
+            return qatjax.merge_groups(qatjax.fake_quant(g, qp, cfg.weight_format), 0)
+        qp = qatjax.qparams_from_amax(jnp.max(jnp.abs(w), axis=0, keepdims=True), cfg.weight_format)
+        return qatjax.fake_quant(w, qp, cfg.weight_format)
+
+    for i in range(3):
+        np.testing.assert_array_equal(np.asarray(w_hat[i]), np.asarray(reference(kernels[i])))
 
 
 def test_stacked_layers_with_different_recipes_are_refused():
@@ -294,8 +308,8 @@ def test_every_collection_round_trips_through_flax_serialization_and_orbax(tmp_p
     restored = checkpointer.restore(path, v)
     _assert_trees_equal(restored, v)
     x = _batches(1, seed=9)[0]
-    np.testing.assert_array_equal(np.asarray(model.apply(restored, x, mode="infer")),
-                                  np.asarray(model.apply(v, x, mode="infer")))
+    infer = jax.jit(lambda variables, x: model.apply(variables, x, mode="infer"))
+    np.testing.assert_array_equal(np.asarray(infer(restored, x)), np.asarray(infer(v, x)))
     # qatjax.checkpoint: a file that never overwrites silently, loaded back exactly.
     f = tmp_path / "model.msgpack"
     qatjax.checkpoint.save(f, v)

@@ -17,21 +17,33 @@ def _setup(x_fmt, w_fmt, x_sym, w_sym, group=None, seed=0):
     k = jax.random.split(jax.random.key(seed), 2)
     x = jax.random.normal(k[0], (3, 5, 64)) + (0.0 if x_sym else 1.0)
     w = jax.random.normal(k[1], (64, 24)) * 0.2 + (0.0 if w_sym else 0.05)  # kernel [K, N]
+    x_qp, w_qp = _qparams(x, w, x_fmt, w_fmt, x_sym, w_sym, group)
+    spec = DotSpec(x_fmt, w_fmt, x_sym, w_sym, group_size=group)
+    return x, w, x_qp, w_qp, spec
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6))
+def _qparams(x, w, x_fmt, w_fmt, x_sym, w_sym, group):
+    """Per-tensor min / max parameters of x; per-channel (or per-group) ones of the kernel."""
     x_qp = qatjax.qparams_from_minmax(x.min(), x.max(), x_fmt, symmetric=x_sym)
     wg = w if group is None else qatjax.split_groups(w, 0, group)  # [G, g, N]
     axis = wg.ndim - 2
     w_qp = qatjax.qparams_from_minmax(wg.min(axis, keepdims=True), wg.max(axis, keepdims=True),
                                       w_fmt, symmetric=w_sym)
-    spec = DotSpec(x_fmt, w_fmt, x_sym, w_sym, group_size=group)
-    return x, w, x_qp, w_qp, spec
+    return x_qp, w_qp
 
 
 def _numpy_reference(x, w, x_qp, w_qp, spec):
     """float64 matmul of the fake-quantized operands."""
-    xh = np.asarray(qatjax.fake_quant(x, x_qp, spec.x_format), np.float64)
-    wg = w if spec.group_size is None else qatjax.split_groups(w, 0, spec.group_size)
-    wh = np.asarray(qatjax.fake_quant(wg, w_qp, spec.w_format), np.float64).reshape(w.shape)
+    xh, wh = (np.asarray(a, np.float64) for a in _fake_quant_operands(x, w, x_qp, w_qp, spec))
     return xh @ wh
+
+
+@functools.partial(jax.jit, static_argnums=4)
+def _fake_quant_operands(x, w, x_qp, w_qp, spec):
+    wg = w if spec.group_size is None else qatjax.split_groups(w, 0, spec.group_size)
+    return (qatjax.fake_quant(x, x_qp, spec.x_format),
+            qatjax.fake_quant(wg, w_qp, spec.w_format).reshape(w.shape))
 
 
 CASES = [
@@ -49,16 +61,23 @@ CASES = [
 def test_native_forward_matches_fake_quant_reference(x_fmt, w_fmt, x_sym, w_sym, group):
     x, w, x_qp, w_qp, spec = _setup(x_fmt, w_fmt, x_sym, w_sym, group)
     assert spec.native is not None
-    y = quantized_dot(x, w, x_qp, w_qp, spec)
+
+    @jax.jit
+    def run(x, w, x_qp, w_qp):
+        y = quantized_dot(x, w, x_qp, w_qp, spec)
+        # The serving path on stored codes.
+        qx = qatjax.quantize(x, x_qp, x_fmt)
+        qw, served = encode_weight(w, w_qp, spec)
+        return y, qw, dot_from_codes(qx, qw, x_qp, served, spec), serve(x, qw, x_qp, served, spec)
+
+    y, qw, from_codes, served_y = run(x, w, x_qp, w_qp)
     ref = _numpy_reference(x, w, x_qp, w_qp, spec)
     rel = np.abs(np.asarray(y, np.float64) - ref).max() / np.abs(ref).max()
     assert rel <= 1e-5
     # The serving path on stored codes gives the same bits.
-    qx = qatjax.quantize(x, x_qp, x_fmt)
-    qw, served = encode_weight(w, w_qp, spec)
     assert qw.shape == (24, 64)  # served [N, K]
-    np.testing.assert_array_equal(np.asarray(dot_from_codes(qx, qw, x_qp, served, spec)), np.asarray(y))
-    np.testing.assert_array_equal(np.asarray(serve(x, qw, x_qp, served, spec)), np.asarray(y))
+    np.testing.assert_array_equal(np.asarray(from_codes), np.asarray(y))
+    np.testing.assert_array_equal(np.asarray(served_y), np.asarray(y))
 
 
 @pytest.mark.parametrize("x_fmt,w_fmt,x_sym,w_sym,group", CASES[:4])
@@ -66,8 +85,8 @@ def test_backward_is_the_ste_gradient_of_the_reference(x_fmt, w_fmt, x_sym, w_sy
     x, w, x_qp, w_qp, spec = _setup(x_fmt, w_fmt, x_sym, w_sym, group, seed=1)
     ct = jax.random.normal(jax.random.key(9), (3, 5, 24))
     f = lambda fn: (lambda x, w: jnp.sum(fn(x, w, x_qp, w_qp, spec) * ct))  # noqa: E731
-    gx, gw = jax.grad(f(quantized_dot), argnums=(0, 1))(x, w)
-    rx, rw = jax.grad(f(reference_dot), argnums=(0, 1))(x, w)
+    gx, gw = jax.jit(jax.grad(f(quantized_dot), argnums=(0, 1)))(x, w)
+    rx, rw = jax.jit(jax.grad(f(reference_dot), argnums=(0, 1)))(x, w)
     np.testing.assert_allclose(np.asarray(gx), np.asarray(rx), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.asarray(gw), np.asarray(rw), rtol=1e-5, atol=1e-6)
     # Hand-derived: d/dx = (ct @ w_hat.T) masked by the clipped-STE mask of x.
@@ -113,11 +132,12 @@ def test_original_residuals_backward_uses_the_float_operands(x_fmt, w_fmt, x_sym
     # narrower ranges than the data, so that both masks clip
     x_qp, w_qp = (qatjax.QParams(qp.scale * 0.7, qp.zero_point) for qp in (x_qp, w_qp))
     orig = dataclasses.replace(spec, original_residuals=True)
-    np.testing.assert_array_equal(np.asarray(quantized_dot(x, w, x_qp, w_qp, orig)),
-                                  np.asarray(quantized_dot(x, w, x_qp, w_qp, spec)))
+    forward = jax.jit(quantized_dot, static_argnums=4)
+    np.testing.assert_array_equal(np.asarray(forward(x, w, x_qp, w_qp, orig)),
+                                  np.asarray(forward(x, w, x_qp, w_qp, spec)))
     ct = jax.random.normal(jax.random.key(5), (3, 5, 24))
-    gx, gw = jax.grad(lambda x, w: jnp.sum(quantized_dot(x, w, x_qp, w_qp, orig) * ct),
-                      argnums=(0, 1))(x, w)
+    gx, gw = jax.jit(jax.grad(lambda x, w: jnp.sum(quantized_dot(x, w, x_qp, w_qp, orig) * ct),
+                              argnums=(0, 1)))(x, w)
     wg = w if group is None else qatjax.split_groups(w, 0, group)
     x_mask = _np_mask(x, x_qp, x_fmt)
     w_mask = _np_mask(wg, w_qp, w_fmt).reshape(w.shape)
@@ -187,10 +207,10 @@ def test_lsq_scales_receive_gradients_through_the_native_forward():
     spec = DotSpec(qatjax.int8, qatjax.int4, ste="lsq", w_grad_scale=0.5)
     f = lambda xs, ws: jnp.sum(quantized_dot(x, w, qatjax.QParams(xs, x_qp.zero_point),  # noqa: E731
                                              qatjax.QParams(ws, w_qp.zero_point), spec) ** 2)
-    g_xs, g_ws = jax.grad(f, argnums=(0, 1))(x_qp.scale, w_qp.scale)
+    g_xs, g_ws = jax.jit(jax.grad(f, argnums=(0, 1)))(x_qp.scale, w_qp.scale)
     r = lambda xs, ws: jnp.sum(reference_dot(x, w, qatjax.QParams(xs, x_qp.zero_point),  # noqa: E731
                                              qatjax.QParams(ws, w_qp.zero_point), spec) ** 2)
-    r_xs, r_ws = jax.grad(r, argnums=(0, 1))(x_qp.scale, w_qp.scale)
+    r_xs, r_ws = jax.jit(jax.grad(r, argnums=(0, 1)))(x_qp.scale, w_qp.scale)
     assert g_ws.shape == w_qp.scale.shape and np.all(np.isfinite(g_ws)) and np.any(g_ws != 0)
     np.testing.assert_allclose(np.asarray(g_ws), np.asarray(r_ws), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(float(g_xs), float(r_xs), rtol=1e-4)
@@ -200,18 +220,23 @@ def test_conv_native_forward_matches_float_reference():
     k = jax.random.split(jax.random.key(3), 2)
     x = jax.nn.relu(jax.random.normal(k[0], (2, 10, 10, 3)))
     w = jax.random.normal(k[1], (3, 3, 3, 8)) * 0.2
-    x_qp = qatjax.qparams_from_minmax(0.0, x.max(), qatjax.uint8, symmetric=False)
-    w_qp = qatjax.qparams_from_amax(jnp.abs(w).max((0, 1, 2), keepdims=True), qatjax.int8)
     xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
     dn = jax.lax.conv_dimension_numbers(xp.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
     spec = ConvSpec(qatjax.uint8, qatjax.int8, False, True, strides=(2, 1), rhs_dilation=(1, 1),
                     dimension_numbers=dn)
-    y = quantized_dot(xp, w, x_qp, w_qp, spec)
-    xh = np.asarray(qatjax.fake_quant(xp, x_qp, qatjax.uint8), np.float64)
-    wh = np.asarray(qatjax.fake_quant(w, w_qp, qatjax.int8), np.float64)
-    ref = np.asarray(jax.lax.conv_general_dilated(
-        jnp.asarray(xh, jnp.float32), jnp.asarray(wh, jnp.float32), (2, 1), "VALID",
-        dimension_numbers=dn, precision=jax.lax.Precision.HIGHEST))
+
+    @jax.jit
+    def run(x, xp, w):
+        x_qp = qatjax.qparams_from_minmax(0.0, x.max(), qatjax.uint8, symmetric=False)
+        w_qp = qatjax.qparams_from_amax(jnp.abs(w).max((0, 1, 2), keepdims=True), qatjax.int8)
+        # The reference: the float conv of the fake-quantized operands.
+        xh = qatjax.fake_quant(xp, x_qp, qatjax.uint8)
+        wh = qatjax.fake_quant(w, w_qp, qatjax.int8)
+        ref = jax.lax.conv_general_dilated(xh, wh, (2, 1), "VALID", dimension_numbers=dn,
+                                           precision=jax.lax.Precision.HIGHEST)
+        return quantized_dot(xp, w, x_qp, w_qp, spec), ref
+
+    y, ref = (np.asarray(a) for a in run(x, xp, w))
     assert y.shape == ref.shape == (2, 5, 10, 8)
     assert np.abs(np.asarray(y) - ref).max() / np.abs(ref).max() <= 1e-5
 
@@ -229,8 +254,8 @@ def test_conv_backward_is_the_ste_gradient(original):
     spec = ConvSpec(qatjax.uint8, qatjax.int8, False, True, strides=(1, 2), rhs_dilation=(1, 1),
                     dimension_numbers=dn, original_residuals=original)
     ct = jax.random.normal(k[2], (2, 7, 4, 8))
-    gx, gw = jax.grad(lambda x, w: jnp.sum(quantized_dot(x, w, x_qp, w_qp, spec) * ct),
-                      argnums=(0, 1))(x, w)
+    gx, gw = jax.jit(jax.grad(lambda x, w: jnp.sum(quantized_dot(x, w, x_qp, w_qp, spec) * ct),
+                              argnums=(0, 1)))(x, w)
     x_mask = _np_mask(x, x_qp, qatjax.uint8)
     w_mask = _np_mask(w, w_qp, qatjax.int8)
     assert not x_mask.all() and not w_mask.all()  # both masks matter here
@@ -240,8 +265,8 @@ def test_conv_backward_is_the_ste_gradient(original):
         rx, rw = vjp(ct)
         rx, rw = rx * x_mask, rw * w_mask
     else:
-        rx, rw = jax.grad(lambda x, w: jnp.sum(reference_dot(x, w, x_qp, w_qp, spec) * ct),
-                          argnums=(0, 1))(x, w)
+        rx, rw = jax.jit(jax.grad(lambda x, w: jnp.sum(reference_dot(x, w, x_qp, w_qp, spec) * ct),
+                                  argnums=(0, 1)))(x, w)
     np.testing.assert_allclose(np.asarray(gx), np.asarray(rx), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(gw), np.asarray(rw), rtol=1e-5, atol=1e-4)
 
@@ -274,9 +299,10 @@ def test_quantized_dot_general_matches_int64_reference(lhs_shape, rhs_shape, dim
     lhs = jax.random.normal(k[0], lhs_shape) + (0.0 if x_sym else 1.0)
     rhs = jax.random.normal(k[1], rhs_shape)
     (lc, rc), _ = dims
-    lo, hi = lhs.min(lc, keepdims=True), lhs.max(lc, keepdims=True)
-    lqp = qatjax.qparams_from_minmax(lo, hi, x_fmt, symmetric=x_sym)
-    rqp = qatjax.qparams_from_amax(jnp.abs(rhs).max(rc, keepdims=True), qatjax.int8)
+    lqp, rqp = jax.jit(lambda lhs, rhs: (  # per row / channel, constant along the contracted axes
+        qatjax.qparams_from_minmax(lhs.min(lc, keepdims=True), lhs.max(lc, keepdims=True), x_fmt,
+                                   symmetric=x_sym),
+        qatjax.qparams_from_amax(jnp.abs(rhs).max(rc, keepdims=True), qatjax.int8)))(lhs, rhs)
     spec = DotSpec(x_fmt, qatjax.int8, x_sym, True)
     y = jax.jit(lambda a, b: quantized_dot_general(a, b, dims, lqp, rqp, spec))(lhs, rhs)
     ls, lz = np.asarray(lqp.scale, np.float64), np.asarray(lqp.zero_point, np.int64)
@@ -289,8 +315,8 @@ def test_quantized_dot_general_matches_int64_reference(lhs_shape, rhs_shape, dim
     ref = acc * scale
     np.testing.assert_allclose(np.asarray(y, np.float64), ref, rtol=2e-6, atol=1e-5 * np.abs(ref).max())
     # The gradient is the STE's: that of the float contraction of the dequantized operands.
-    g = jax.grad(lambda a, b: quantized_dot_general(a, b, dims, lqp, rqp, spec).sum(), (0, 1))(lhs, rhs)
-    gr = jax.grad(lambda a, b: reference_dot(a, b, lqp, rqp, dataclasses.replace(spec, dimension_numbers=dims)).sum(), (0, 1))(lhs, rhs)
+    g = jax.jit(jax.grad(lambda a, b: quantized_dot_general(a, b, dims, lqp, rqp, spec).sum(), (0, 1)))(lhs, rhs)
+    gr = jax.jit(jax.grad(lambda a, b: reference_dot(a, b, lqp, rqp, dataclasses.replace(spec, dimension_numbers=dims)).sum(), (0, 1)))(lhs, rhs)
     for got, want in zip(g, gr):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 
@@ -306,11 +332,17 @@ def test_quantized_einsum_equals_the_fake_quant_einsum(subscripts, lhs_shape, rh
     (lc, rc), _ = dims
     k = jax.random.split(jax.random.key(5), 2)
     a, b = jax.random.normal(k[0], lhs_shape), jax.random.normal(k[1], rhs_shape)
-    aqp = qatjax.qparams_from_amax(jnp.abs(a).max(lc, keepdims=True), qatjax.int8)
-    bqp = qatjax.qparams_from_amax(jnp.abs(b).max(rc, keepdims=True), qatjax.int8)
-    y = quantized_einsum(subscripts, a, b, aqp, bqp, DotSpec(qatjax.int8, qatjax.int8))
-    ref = jnp.einsum(subscripts, qatjax.fake_quant(a, aqp, qatjax.int8),
-                     qatjax.fake_quant(b, bqp, qatjax.int8), precision="highest")
+
+    @jax.jit
+    def run(a, b):
+        aqp = qatjax.qparams_from_amax(jnp.abs(a).max(lc, keepdims=True), qatjax.int8)
+        bqp = qatjax.qparams_from_amax(jnp.abs(b).max(rc, keepdims=True), qatjax.int8)
+        y = quantized_einsum(subscripts, a, b, aqp, bqp, DotSpec(qatjax.int8, qatjax.int8))
+        ref = jnp.einsum(subscripts, qatjax.fake_quant(a, aqp, qatjax.int8),
+                         qatjax.fake_quant(b, bqp, qatjax.int8), precision="highest")
+        return y, ref
+
+    y, ref = run(a, b)
     assert y.shape == ref.shape
     np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=1e-5, atol=1e-5)
 

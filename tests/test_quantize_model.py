@@ -49,6 +49,16 @@ def _x(seed=0, shape=(4, 6, 6, 2)):
     return jax.random.normal(jax.random.key(seed), shape)
 
 
+def _jitted(model, mode):
+    """``model.apply(variables, x)`` under ``quant_mode(mode)``, compiled (the mode acts at
+    trace time, inside the jitted function)."""
+    def apply(variables, x):
+        with quant_mode(mode):
+            return model.apply(variables, x)
+
+    return jax.jit(apply)
+
+
 def test_float_mode_is_the_original_model_and_it_is_left_untouched():
     model = CNN()
     x = _x()
@@ -66,22 +76,21 @@ def test_float_mode_is_the_original_model_and_it_is_left_untouched():
 
 def test_calibrate_train_convert_equal_the_hand_written_qatjax_model():
     model, x, batches = CNN(), _x(), [_x(i) for i in range(3)]
-    float_params = model.init(jax.random.key(1), x)["params"]
+    float_params = jax.jit(model.init)(jax.random.key(1), x)["params"]
     qmodel = quantize_model(model, CFG, rules=[("head", None)])
     v = qatjax.calibrate(qmodel, {"params": float_params}, batches)
     ref_model = QatCNN(CFG)
     ref = qatjax.calibrate(ref_model, {"params": float_params}, batches)
     jax.tree_util.tree_map(np.testing.assert_array_equal, v["quant_params"], ref["quant_params"])
     assert [r.path for r in qatjax.quant_report(v).layers] == ["conv", "fc1"]  # head kept float
-    with quant_mode("train"):
-        y = qmodel.apply(v, x)
-        np.testing.assert_array_equal(np.asarray(y), np.asarray(ref_model.apply(ref, x)))
-        grads = jax.grad(lambda p: jnp.sum(qmodel.apply({**v, "params": p}, x) ** 2))(v["params"])
+    y = _jitted(qmodel, "train")(v, x)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(_jitted(ref_model, "train")(ref, x)))
+    train = _jitted(qmodel, "train")
+    grads = jax.jit(jax.grad(lambda p: jnp.sum(train({**v, "params": p}, x) ** 2)))(v["params"])
     assert all(float(jnp.abs(grads[n]["kernel"]).sum()) > 0 for n in ("conv", "fc1", "head"))
     served = qatjax.convert(v)
     assert served["quant_params"]["fc1"]["kernel_codes"].shape == (32, 288)
-    with quant_mode("infer"):
-        np.testing.assert_array_equal(np.asarray(qmodel.apply(served, x)), np.asarray(y))
+    np.testing.assert_array_equal(np.asarray(_jitted(qmodel, "infer")(served, x)), np.asarray(y))
 
 
 def test_rules_choose_a_recipe_per_layer_and_mode_can_be_fixed():
@@ -89,16 +98,20 @@ def test_rules_choose_a_recipe_per_layer_and_mode_can_be_fixed():
     int4 = QatConfig(weight_format="int4", activation_format=None)
     qmodel = quantize_model(model, QatConfig(activation_scaling="dynamic"),
                             rules=[(r"layers_1", int4)], mode="train")
-    v = qmodel.init(jax.random.key(0), x)
+    v = jax.jit(qmodel.init)(jax.random.key(0), x)
     fmt = {r.path: r.weight_format for r in qatjax.quant_report(v).layers}
     assert fmt == {"layers_0": "int8", "layers_1": "int4"}
-    y = qmodel.apply(v, x)  # mode="train" without a quant_mode context
-    w1 = v["params"]["layers_1"]["kernel"]
-    qp = qatjax.qparams_from_amax(jnp.max(jnp.abs(w1), axis=0, keepdims=True), qatjax.int4)
-    h = QatDense(16, config=QatConfig(activation_scaling="dynamic"), mode="train").apply(
-        {"params": v["params"]["layers_0"], "quant_params": v["quant_params"]["layers_0"]}, x)
-    ref = nn.relu(h) @ qatjax.fake_quant(w1, qp, qatjax.int4) + v["params"]["layers_1"]["bias"]
-    np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=1e-5, atol=1e-6)
+    y = jax.jit(qmodel.apply)(v, x)  # mode="train" without a quant_mode context
+
+    @jax.jit
+    def reference(v, x):  # layers_0: int8 QatDense; layers_1: int4 weights, float input
+        w1 = v["params"]["layers_1"]["kernel"]
+        qp = qatjax.qparams_from_amax(jnp.max(jnp.abs(w1), axis=0, keepdims=True), qatjax.int4)
+        h = QatDense(16, config=QatConfig(activation_scaling="dynamic"), mode="train").apply(
+            {"params": v["params"]["layers_0"], "quant_params": v["quant_params"]["layers_0"]}, x)
+        return nn.relu(h) @ qatjax.fake_quant(w1, qp, qatjax.int4) + v["params"]["layers_1"]["bias"]
+
+    np.testing.assert_allclose(np.asarray(y), np.asarray(reference(v, x)), rtol=1e-5, atol=1e-6)
 
 
 def test_layers_inside_nn_scan_are_quantized_and_stay_stacked():
@@ -116,12 +129,11 @@ def test_layers_inside_nn_scan_are_quantized_and_stay_stacked():
 
     x = _x(shape=(6, 8))
     qmodel = quantize_model(Deep(), CFG)
-    v = qatjax.calibrate(qmodel, qmodel.init(jax.random.key(0), x), [x])
+    v = qatjax.calibrate(qmodel, jax.jit(qmodel.init)(jax.random.key(0), x), [x])
     assert v["quant_params"]["blocks"]["Dense_0"]["input_scale"].shape == (4,)
-    with quant_mode("train"):
-        y = qmodel.apply(v, x)
-    with quant_mode("infer"):
-        np.testing.assert_array_equal(np.asarray(qmodel.apply(qatjax.convert(v), x)), np.asarray(y))
+    y = _jitted(qmodel, "train")(v, x)
+    np.testing.assert_array_equal(np.asarray(_jitted(qmodel, "infer")(qatjax.convert(v), x)),
+                                  np.asarray(y))
 
 
 def test_attention_projections_are_quantized():
@@ -133,21 +145,18 @@ def test_attention_projections_are_quantized():
             return x + nn.Dense(32, name="mlp")(nn.relu(x))
 
     model, x = Block(), _x(shape=(2, 5, 32))
-    float_vars = model.init(jax.random.key(1), x)
+    float_vars = jax.jit(model.init)(jax.random.key(1), x)
     qmodel = quantize_model(model, CFG)
     v = qatjax.calibrate(qmodel, {"params": float_vars["params"]}, [x, _x(1, (2, 5, 32))])
     assert sorted(r.path for r in qatjax.quant_report(v).layers) == [
         "attn/einsum0 lhs", "attn/einsum0 rhs", "attn/einsum1 lhs", "attn/einsum1 rhs",
         "attn/key", "attn/out", "attn/query", "attn/value", "mlp"]
-    with quant_mode("float"):
-        np.testing.assert_array_equal(np.asarray(qmodel.apply(v, x)),
-                                      np.asarray(model.apply(float_vars, x)))
-    with quant_mode("train"):
-        y = qmodel.apply(v, x)
+    np.testing.assert_array_equal(np.asarray(_jitted(qmodel, "float")(v, x)),
+                                  np.asarray(jax.jit(model.apply)(float_vars, x)))
+    y = _jitted(qmodel, "train")(v, x)
     served = qatjax.convert(v)
     assert served["quant_params"]["attn"]["out"]["kernel_codes"].shape == (32, 32)
-    with quant_mode("infer"):
-        np.testing.assert_array_equal(np.asarray(qmodel.apply(served, x)), np.asarray(y))
+    np.testing.assert_array_equal(np.asarray(_jitted(qmodel, "infer")(served, x)), np.asarray(y))
     imported = qatjax.dequantize_weights(qatjax.quantize_model_weights(v))
     assert imported["attn"]["query"]["kernel"].shape == (32, 4, 8)
 
