@@ -47,16 +47,15 @@ def test_float_mode_is_nn_conv_and_train_equals_infer(kw):
     ndim = len(kw["kernel_size"])
     x = _x((2,) + (9,) * ndim + (4,))
     layer = QatConv(6, config=QatConfig(**DYN), **kw)
-    v = jax.jit(layer.init)(jax.random.key(1), x)
-    run = _jitted(layer)
-    ref = jax.jit(nn.Conv(6, **kw).apply)({"params": v["params"]}, x)
-    np.testing.assert_array_equal(np.asarray(run(v, x, "float")), np.asarray(ref))
-    train = run(v, x, "train")
+    v = layer.init(jax.random.key(1), x)
+    ref = nn.Conv(6, **kw).apply({"params": v["params"]}, x)
+    np.testing.assert_array_equal(np.asarray(layer.apply(v, x, mode="float")), np.asarray(ref))
+    train = layer.apply(v, x, mode="train")
     assert train.shape == ref.shape
-    np.testing.assert_array_equal(np.asarray(run(v, x, "infer")), np.asarray(train))
+    np.testing.assert_array_equal(np.asarray(layer.apply(v, x, mode="infer")), np.asarray(train))
     served = qatjax.convert(v)
     assert "kernel" not in served["params"]
-    np.testing.assert_array_equal(np.asarray(run(served, x, "infer")), np.asarray(train))
+    np.testing.assert_array_equal(np.asarray(layer.apply(served, x, mode="infer")), np.asarray(train))
     # Against a float reference: fake-quantized operands, float conv.
     fq = _fake_quant_conv_reference(layer, v, x, kw)
     assert np.abs(np.asarray(train) - fq).max() <= 1e-5 * np.abs(fq).max()
@@ -111,12 +110,11 @@ def test_bf16_compute_serves_the_codes_it_trained_with(cfg, layer_dtype):
     layers = [QatDense(12, config=cfg, dtype=layer_dtype),
               QatConv(6, (3, 3), config=cfg.replace(weight_granularity="per_channel"), dtype=layer_dtype)]
     for layer, xin in zip(layers, (x, x.reshape(1, 5, 32, 1)[:, :, :8])):
-        v = jax.jit(layer.init)(jax.random.key(2), xin)
-        run = _jitted(layer)
-        train = run(v, xin, "train")
+        v = layer.init(jax.random.key(2), xin)
+        train = layer.apply(v, xin, mode="train")
         assert train.dtype == (jnp.bfloat16 if layer_dtype else jnp.float32)
-        np.testing.assert_array_equal(np.asarray(run(v, xin, "infer")), np.asarray(train))
-        served = run(qatjax.convert(v), xin, "infer")
+        np.testing.assert_array_equal(np.asarray(layer.apply(v, xin, mode="infer")), np.asarray(train))
+        served = layer.apply(qatjax.convert(v), xin, mode="infer")
         np.testing.assert_array_equal(np.asarray(served), np.asarray(train))
 
 
@@ -274,19 +272,18 @@ def test_dense_general_is_nn_dense_general_and_quantizes_as_the_flat_dense(featu
     x = _x(x_shape, seed=9)
     cfg = QatConfig(**DYN)
     layer = QatDenseGeneral(features, axis=axis, config=cfg)
-    v = jax.jit(layer.init)(jax.random.key(3), x)
+    v = layer.init(jax.random.key(3), x)
     ref_layer = nn.DenseGeneral(features, axis=axis)
-    ref_vars = jax.jit(ref_layer.init)(jax.random.key(3), x)
+    ref_vars = ref_layer.init(jax.random.key(3), x)
     jax.tree_util.tree_map(np.testing.assert_array_equal, v["params"], ref_vars["params"])
-    run = _jitted(layer)
-    np.testing.assert_array_equal(np.asarray(run(v, x, "float")),
-                                  np.asarray(jax.jit(ref_layer.apply)(ref_vars, x)))
-    train = run(v, x, "train")
+    np.testing.assert_array_equal(np.asarray(layer.apply(v, x, mode="float")),
+                                  np.asarray(ref_layer.apply(ref_vars, x)))
+    train = layer.apply(v, x, mode="train")
     served = qatjax.convert(v)
     n_in = 1 if isinstance(axis, int) else len(axis)
     k = int(np.prod(x_shape[-n_in:]))
     assert served["quant_params"]["kernel_codes"].shape == (int(np.prod(features)), k)
-    np.testing.assert_array_equal(np.asarray(run(served, x, "infer")), np.asarray(train))
+    np.testing.assert_array_equal(np.asarray(layer.apply(served, x, mode="infer")), np.asarray(train))
     # numpy reference: the flat dense [K, N], one scale per output element.
     w = np.asarray(v["params"]["kernel"]).reshape(k, -1)
     w_scale = np.maximum(np.abs(w).max(0, keepdims=True) / np.float32(127), np.finfo(np.float32).eps)
@@ -299,7 +296,7 @@ def test_dense_general_is_nn_dense_general_and_quantizes_as_the_flat_dense(featu
     imported = qatjax.dequantize_weights(qatjax.quantize_model_weights(v))
     np.testing.assert_array_equal(np.asarray(imported["kernel"]),
                                   (w_hat.astype(np.float32)).reshape(v["params"]["kernel"].shape))
-    g = jax.jit(jax.grad(lambda p: jnp.sum(run({**v, "params": p}, x, "train") ** 2)))(v["params"])
+    g = jax.grad(lambda p: jnp.sum(layer.apply({**v, "params": p}, x, mode="train") ** 2))(v["params"])
     assert g["kernel"].shape == v["params"]["kernel"].shape and float(jnp.abs(g["kernel"]).sum()) > 0
 
 

@@ -88,11 +88,11 @@ def test_conv_with_mask_converts_the_masked_kernel():
     mask = jnp.zeros((3, 3, 4, 6)).at[1, 1].set(1.0)
     layer = QatConv(6, (3, 3), mask=mask, config=qatjax.QatConfig(activation_scaling="dynamic"))
     x = jax.random.normal(jax.random.key(0), (2, 6, 6, 4))
-    v = jax.jit(layer.init)(jax.random.key(1), x)
+    v = layer.init(jax.random.key(1), x)
     v["params"]["kernel"] = v["params"]["kernel"] + 3.0  # large values where the mask is 0
-    run = jax.jit(lambda v, x, mode: layer.apply(v, x, mode=mode), static_argnums=2)
-    train = run(v, x, "train")
-    np.testing.assert_array_equal(np.asarray(run(qatjax.convert(v), x, "infer")), np.asarray(train))
+    train = layer.apply(v, x, mode="train")
+    np.testing.assert_array_equal(np.asarray(layer.apply(qatjax.convert(v), x, mode="infer")),
+                                  np.asarray(train))
 
 
 def test_conv_learnable_scales_create_and_train_the_weight_scale():
@@ -110,9 +110,8 @@ def test_conv_unsigned_weights_do_not_wrap():
     cfg = qatjax.QatConfig(weight_format="uint8", weight_symmetric=False, activation_scaling="dynamic")
     layer = QatConv(6, (3, 3), config=cfg)
     x = jax.random.normal(jax.random.key(0), (2, 6, 6, 4))
-    v = jax.jit(layer.init)(jax.random.key(1), x)
-    run = jax.jit(lambda v, x, mode: layer.apply(v, x, mode=mode), static_argnums=2)
-    y, yf = run(v, x, "train"), run(v, x, "float")
+    v = layer.init(jax.random.key(1), x)
+    y, yf = layer.apply(v, x, mode="train"), layer.apply(v, x, mode="float")
     assert np.max(np.abs(np.asarray(y - yf))) < 0.05 * np.max(np.abs(np.asarray(yf)))
 
 

@@ -61,12 +61,6 @@ def _run(model, x, mode, mask=None):
         return model(x) if mask is None else model(x, mask=mask)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3))
-def _linen_run(linen, variables, x, mode):
-    """The linen layer's ``apply`` in ``mode``, every collection mutable, compiled."""
-    return linen.apply(variables, x, mode=mode, mutable=True)
-
-
 def _linen_twin_variables(layer, linen, x):
     """The linen layer's variables initialised on the NNX layer's params (as a float
     checkpoint loads)."""
@@ -92,7 +86,7 @@ def test_drop_ins_match_the_nnx_layer_in_float_and_linen_in_every_mode(case, cfg
              "conv": lambda: nnx.Conv(4, 8, (3, 3), rngs=nnx.Rngs(0)),
              "einsum": lambda: nnx.Einsum("btd,dh->bth", (16, 8), rngs=nnx.Rngs(0))}[case]()
     np.testing.assert_array_equal(layer.kernel[...], plain.kernel[...])  # same init from rngs
-    np.testing.assert_array_equal(_run(layer, x, "float"), _run(plain, x, "float"))
+    np.testing.assert_array_equal(layer(x, mode="float"), plain(x))
 
     linen = make_linen(cfg)
     v = _linen_twin_variables(layer, linen, x)
@@ -100,16 +94,17 @@ def test_drop_ins_match_the_nnx_layer_in_float_and_linen_in_every_mode(case, cfg
         qnnx.calibrate(layer, [x, 0.5 * x])
         v = qatjax.calibrate(linen, v, [x, 0.5 * x])
     for mode in ("train", "infer", "train"):  # fp8 histories advance alike in both
-        y_linen, updates = _linen_run(linen, v, x, mode)
+        y_linen, updates = linen.apply(v, x, mode=mode, mutable=True)
         v = {**v, **updates}
-        np.testing.assert_array_equal(_run(layer, x, mode), y_linen, err_msg=mode)
+        np.testing.assert_array_equal(layer(x, mode=mode), y_linen, err_msg=mode)
     # The model tools: the same export, and the same served outputs after convert.
     for a, b in zip(jax.tree.leaves(qnnx.quantize_model_weights(layer)),
                     jax.tree.leaves(qatjax.quantize_model_weights(v)), strict=True):
         np.testing.assert_array_equal(a, b)
     qnnx.convert(layer)
     served = qatjax.convert(v)
-    np.testing.assert_array_equal(_run(layer, x, "infer"), _linen_run(linen, served, x, "infer")[0])
+    np.testing.assert_array_equal(layer(x, mode="infer"),
+                                  linen.apply(served, x, mode="infer", mutable=True)[0])
 
 
 def test_state_is_typed_nnx_variables_and_lsq_scales_are_params():
@@ -338,14 +333,15 @@ def test_sharded_calibration_orbax_checkpoint_and_export_round_trip(tmp_path):
     checkpointer.wait_until_finished()
     fresh = qnnx.quantize_model(_Net(nnx.Rngs(1)), QatConfig(activation_estimator="percentile"))
     qnnx.set_collections(fresh, qatjax.checkpoint.load(str(path)))
-    y_train = _run(single, x, "train")
-    np.testing.assert_array_equal(_run(fresh, x, "train"), y_train)
+    with qnnx.quant_mode("train"):
+        np.testing.assert_array_equal(fresh(x), single(x))
+        y_train = single(x)
 
     # Export (int8 codes) and import into the unmodified float model: the fake-quantized kernels.
     exported = qnnx.quantize_model_weights(single)
     float_net = _Net(nnx.Rngs(2))
     qnnx.set_collections(float_net, {"params": qatjax.dequantize_weights(exported)})
-    assert np.abs(_run(float_net, x, "float") - y_train).max() < 0.05 * np.abs(y_train).max()
+    assert np.abs(float_net(x) - y_train).max() < 0.05 * np.abs(y_train).max()
 
 
 def test_partitioned_kernels_keep_their_sharding_names_on_codes_and_scales():

@@ -91,13 +91,13 @@ def test_backward_is_the_ste_gradient_of_the_reference(x_fmt, w_fmt, x_sym, w_sy
     np.testing.assert_allclose(np.asarray(gw), np.asarray(rw), rtol=1e-5, atol=1e-6)
     # Hand-derived: d/dx = (ct @ w_hat.T) masked by the clipped-STE mask of x.
     wg = w if group is None else qatjax.split_groups(w, 0, group)
-    w_hat = np.asarray(qatjax.fake_quant(wg, w_qp, w_fmt)).reshape(w.shape)
+    x_hat, w_hat = (np.asarray(a) for a in _fake_quant_operands(x, w, x_qp, w_qp, spec))
     inv = np.float32(1) / np.asarray(x_qp.scale)
     code = np.rint(np.asarray(x) * inv) + np.asarray(x_qp.zero_point)
     mask = (code >= x_fmt.qmin) & (code <= x_fmt.qmax)
     np.testing.assert_allclose(np.asarray(gx), (np.asarray(ct) @ w_hat.T) * mask, rtol=1e-5, atol=1e-6)
     # d/dw = x_hat.T @ ct (summed over the batch axes), masked by the kernel's STE mask.
-    x_hat = np.asarray(qatjax.fake_quant(x, x_qp, x_fmt)).reshape(-1, 64)
+    x_hat = x_hat.reshape(-1, 64)
     w_code = np.rint(np.asarray(wg) * (np.float32(1) / np.asarray(w_qp.scale))) + np.asarray(w_qp.zero_point)
     w_mask = ((w_code >= w_fmt.qmin) & (w_code <= w_fmt.qmax)).reshape(w.shape)
     np.testing.assert_allclose(np.asarray(gw), (x_hat.T @ np.asarray(ct).reshape(-1, 24)) * w_mask,

@@ -83,9 +83,9 @@ def test_calibrate_train_convert_equal_the_hand_written_qatjax_model():
     ref = qatjax.calibrate(ref_model, {"params": float_params}, batches)
     jax.tree_util.tree_map(np.testing.assert_array_equal, v["quant_params"], ref["quant_params"])
     assert [r.path for r in qatjax.quant_report(v).layers] == ["conv", "fc1"]  # head kept float
-    y = _jitted(qmodel, "train")(v, x)
-    np.testing.assert_array_equal(np.asarray(y), np.asarray(_jitted(ref_model, "train")(ref, x)))
     train = _jitted(qmodel, "train")
+    y = train(v, x)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(_jitted(ref_model, "train")(ref, x)))
     grads = jax.jit(jax.grad(lambda p: jnp.sum(train({**v, "params": p}, x) ** 2)))(v["params"])
     assert all(float(jnp.abs(grads[n]["kernel"]).sum()) > 0 for n in ("conv", "fc1", "head"))
     served = qatjax.convert(v)
@@ -98,20 +98,16 @@ def test_rules_choose_a_recipe_per_layer_and_mode_can_be_fixed():
     int4 = QatConfig(weight_format="int4", activation_format=None)
     qmodel = quantize_model(model, QatConfig(activation_scaling="dynamic"),
                             rules=[(r"layers_1", int4)], mode="train")
-    v = jax.jit(qmodel.init)(jax.random.key(0), x)
+    v = qmodel.init(jax.random.key(0), x)
     fmt = {r.path: r.weight_format for r in qatjax.quant_report(v).layers}
     assert fmt == {"layers_0": "int8", "layers_1": "int4"}
-    y = jax.jit(qmodel.apply)(v, x)  # mode="train" without a quant_mode context
-
-    @jax.jit
-    def reference(v, x):  # layers_0: int8 QatDense; layers_1: int4 weights, float input
-        w1 = v["params"]["layers_1"]["kernel"]
-        qp = qatjax.qparams_from_amax(jnp.max(jnp.abs(w1), axis=0, keepdims=True), qatjax.int4)
-        h = QatDense(16, config=QatConfig(activation_scaling="dynamic"), mode="train").apply(
-            {"params": v["params"]["layers_0"], "quant_params": v["quant_params"]["layers_0"]}, x)
-        return nn.relu(h) @ qatjax.fake_quant(w1, qp, qatjax.int4) + v["params"]["layers_1"]["bias"]
-
-    np.testing.assert_allclose(np.asarray(y), np.asarray(reference(v, x)), rtol=1e-5, atol=1e-6)
+    y = qmodel.apply(v, x)  # mode="train" without a quant_mode context
+    w1 = v["params"]["layers_1"]["kernel"]
+    qp = qatjax.qparams_from_amax(jnp.max(jnp.abs(w1), axis=0, keepdims=True), qatjax.int4)
+    h = QatDense(16, config=QatConfig(activation_scaling="dynamic"), mode="train").apply(
+        {"params": v["params"]["layers_0"], "quant_params": v["quant_params"]["layers_0"]}, x)
+    ref = nn.relu(h) @ qatjax.fake_quant(w1, qp, qatjax.int4) + v["params"]["layers_1"]["bias"]
+    np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=1e-5, atol=1e-6)
 
 
 def test_layers_inside_nn_scan_are_quantized_and_stay_stacked():
@@ -129,11 +125,12 @@ def test_layers_inside_nn_scan_are_quantized_and_stay_stacked():
 
     x = _x(shape=(6, 8))
     qmodel = quantize_model(Deep(), CFG)
-    v = qatjax.calibrate(qmodel, jax.jit(qmodel.init)(jax.random.key(0), x), [x])
+    v = qatjax.calibrate(qmodel, qmodel.init(jax.random.key(0), x), [x])
     assert v["quant_params"]["blocks"]["Dense_0"]["input_scale"].shape == (4,)
-    y = _jitted(qmodel, "train")(v, x)
-    np.testing.assert_array_equal(np.asarray(_jitted(qmodel, "infer")(qatjax.convert(v), x)),
-                                  np.asarray(y))
+    with quant_mode("train"):
+        y = qmodel.apply(v, x)
+    with quant_mode("infer"):
+        np.testing.assert_array_equal(np.asarray(qmodel.apply(qatjax.convert(v), x)), np.asarray(y))
 
 
 def test_attention_projections_are_quantized():
