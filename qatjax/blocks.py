@@ -361,6 +361,18 @@ def decode_elements(codes: jax.Array, fmt: BlockFormat) -> jax.Array:
 # ----------------------------------------------------------------------------- public ops
 
 
+def _checked_inputs(x, fmt, axis: int, scales, fn: str):
+    """``(fmt, x, axis, scales)`` checked for ``fn``: the block format, ``x`` a floating array,
+    ``axis`` normalized, ``scales`` checked against ``x`` (default :func:`block_scales` of
+    ``x``)."""
+    fmt = _block_format(fmt, fn)
+    x = _check_x(x, fn)
+    axis = _normalize_axis(axis, x.ndim, "axis")
+    scales = (block_scales(x, fmt, axis) if scales is None
+              else _check_scales(scales, x.shape, axis, fmt, fn))
+    return fmt, x, axis, scales
+
+
 def block_quantize(x: jax.Array, fmt: Format | str, axis: int = -1, *,
                    scales: BlockScales | None = None) -> tuple[jax.Array, BlockScales]:
     """Block-quantizes ``x``.
@@ -375,11 +387,7 @@ def block_quantize(x: jax.Array, fmt: Format | str, axis: int = -1, *,
       ``(codes, scales)``: codes of ``x``'s shape in ``fmt.storage_dtype`` (see
       :func:`encode_elements`) and the :class:`BlockScales`.
     """
-    fmt = _block_format(fmt, "block_quantize")
-    x = _check_x(x, "block_quantize")
-    axis = _normalize_axis(axis, x.ndim, "axis")
-    scales = (block_scales(x, fmt, axis) if scales is None
-              else _check_scales(scales, x.shape, axis, fmt, "block_quantize"))
+    fmt, x, axis, scales = _checked_inputs(x, fmt, axis, scales, "block_quantize")
     xs = _split(x.astype(jnp.float32), axis, fmt.block_size)
     q = _element_round(_scaled(xs, _scale_factors(scales, fmt, axis)), fmt)
     return _merge(encode_elements(q, fmt), axis, x.shape[axis]), scales
@@ -423,10 +431,7 @@ def block_fake_quant(x: jax.Array, fmt: Format | str, axis: int = -1, *,
     if ste not in BLOCK_STE_NAMES:
         raise ValueError(f"block_fake_quant: `ste` must be one of {BLOCK_STE_NAMES} (block scales "
                          f"are not learned), got {ste!r}.")
-    x = _check_x(x, "block_fake_quant")
-    axis = _normalize_axis(axis, x.ndim, "axis")
-    scales = (block_scales(x, fmt, axis) if scales is None
-              else _check_scales(scales, x.shape, axis, fmt, "block_fake_quant"))
+    fmt, x, axis, scales = _checked_inputs(x, fmt, axis, scales, "block_fake_quant")
     return _block_fake_quant(fmt, ste, axis, x, lax.stop_gradient(tuple(scales)))
 
 
@@ -434,11 +439,7 @@ def block_ste_mask(x: jax.Array, fmt: Format | str, axis: int = -1, *,
                    scales: BlockScales | None = None) -> jax.Array:
     """The ``"clipped"`` estimator's mask: bool of ``x``'s shape, True where ``|v / scale| <=
     max`` (False for saturated elements and NaN)."""
-    fmt = _block_format(fmt, "block_ste_mask")
-    x = _check_x(x, "block_ste_mask")
-    axis = _normalize_axis(axis, x.ndim, "axis")
-    scales = (block_scales(x, fmt, axis) if scales is None
-              else _check_scales(scales, x.shape, axis, fmt, "block_ste_mask"))
+    fmt, x, axis, scales = _checked_inputs(x, fmt, axis, scales, "block_ste_mask")
     xs = _split(x.astype(jnp.float32), axis, fmt.block_size)
     y = _scaled(xs, _scale_factors(BlockScales(*scales), fmt, axis))
     return _merge(jnp.abs(y) <= fmt.max, axis, x.shape[axis])

@@ -103,8 +103,25 @@ class IntFormat:
         return f"IntFormat(bits={self.bits}, signed={self.signed})"
 
 
+class _SaturatingRange:
+    """``qmin`` / ``qmax`` of a float-element format: the symmetric saturation bounds
+    ``-max`` / ``max`` in code units (the subclass defines ``max``)."""
+
+    max: float
+
+    @property
+    def qmin(self) -> float:
+        """``-max``: the lower saturation bound in code units."""
+        return -self.max
+
+    @property
+    def qmax(self) -> float:
+        """``max``: the upper saturation bound in code units."""
+        return self.max
+
+
 @dataclasses.dataclass(frozen=True)
-class FloatFormat:
+class FloatFormat(_SaturatingRange):
     """An OCP fp8 format: ``"e4m3"`` (e4m3fn) or ``"e5m2"``.
 
     ``max`` is the largest finite value (448 or 57344); quantization saturates
@@ -132,16 +149,6 @@ class FloatFormat:
     def max(self) -> float:
         """Largest finite magnitude: 448.0 (e4m3) or 57344.0 (e5m2)."""
         return float(ml_dtypes.finfo(_FP8_DTYPES[self.variant]).max)
-
-    @property
-    def qmin(self) -> float:
-        """``-max``: the lower saturation bound in code units."""
-        return -self.max
-
-    @property
-    def qmax(self) -> float:
-        """``max``: the upper saturation bound in code units."""
-        return self.max
 
     @property
     def bits(self) -> int:
@@ -177,7 +184,7 @@ _DEFAULT_BLOCK = {"e8m0": 32, "e4m3": 16}
 
 
 @dataclasses.dataclass(frozen=True)
-class BlockFormat:
+class BlockFormat(_SaturatingRange):
     """A block-scaled format: ``x ~ element * scale`` with one scale per block of
     ``block_size`` consecutive elements along one axis (the caller's block axis, the
     contraction axis of a matmul).
@@ -289,14 +296,6 @@ class BlockFormat:
         if self.element == "int8":
             return 127.0 / 64.0
         return float(ml_dtypes.finfo(self.element_dtype).max)
-
-    @property
-    def qmin(self) -> float:
-        return -self.max
-
-    @property
-    def qmax(self) -> float:
-        return self.max
 
     @property
     def bits(self) -> int:

@@ -45,7 +45,7 @@ for bit, one observer updated with every device's batches.
 from __future__ import annotations
 
 import functools
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Any, NamedTuple
 
 import jax
@@ -150,6 +150,22 @@ CHANNEL_STATES = (ChannelAbsMaxState, ChannelMeanAbsState, HessianState)
 # ----------------------------------------------------------------------------- observers
 
 
+def _channel_observer(name: str, axis: int, state_type: type, zero: Callable[[int], Any],
+                      step: Callable[..., Any]) -> Observer:
+    """An observer over the channels on ``axis``: ``init`` gives ``state_type(zero(k), 0, 0)``
+    for ``k`` channels; ``update`` checks the state's type, then applies ``step``."""
+    _check_axis(axis, name)
+
+    def init(x_like: Any):
+        return state_type(zero(_num_channels(x_like, axis, name)), jnp.int32(0), jnp.int32(0))
+
+    def update(state, x: jax.Array, *, axis_name: Hashable | None = None):
+        _check_state(state, state_type, name)
+        return step(state, x, axis=axis, axis_name=axis_name)
+
+    return Observer(init, update)
+
+
 def channel_absmax(axis: int = -1) -> Observer:
     """Observer of ``amax_j = max |x[..., j]|`` over the finite rows (SmoothQuant's statistic).
 
@@ -159,18 +175,8 @@ def channel_absmax(axis: int = -1) -> Observer:
       An :class:`~qatjax.calibration.Observer` whose state is a :class:`ChannelAbsMaxState`;
       ``init(x_like)`` reads the number of channels from ``x_like.shape[axis]``.
     """
-    _check_axis(axis, "channel_absmax")
-
-    def init(x_like: Any) -> ChannelAbsMaxState:
-        k = _num_channels(x_like, axis, "channel_absmax")
-        return ChannelAbsMaxState(jnp.zeros((k,), jnp.float32), jnp.int32(0), jnp.int32(0))
-
-    def update(state: ChannelAbsMaxState, x: jax.Array, *,
-               axis_name: Hashable | None = None) -> ChannelAbsMaxState:
-        _check_state(state, ChannelAbsMaxState, "channel_absmax")
-        return _absmax_update(state, x, axis=axis, axis_name=axis_name)
-
-    return Observer(init, update)
+    return _channel_observer("channel_absmax", axis, ChannelAbsMaxState,
+                             lambda k: jnp.zeros((k,), jnp.float32), _absmax_update)
 
 
 def channel_mean_abs(axis: int = -1) -> Observer:
@@ -183,18 +189,8 @@ def channel_mean_abs(axis: int = -1) -> Observer:
     Returns:
       An :class:`~qatjax.calibration.Observer` whose state is a :class:`ChannelMeanAbsState`.
     """
-    _check_axis(axis, "channel_mean_abs")
-
-    def init(x_like: Any) -> ChannelMeanAbsState:
-        k = _num_channels(x_like, axis, "channel_mean_abs")
-        return ChannelMeanAbsState(_exact_zero((k,)), jnp.int32(0), jnp.int32(0))
-
-    def update(state: ChannelMeanAbsState, x: jax.Array, *,
-               axis_name: Hashable | None = None) -> ChannelMeanAbsState:
-        _check_state(state, ChannelMeanAbsState, "channel_mean_abs")
-        return _mean_abs_update(state, x, axis=axis, axis_name=axis_name)
-
-    return Observer(init, update)
+    return _channel_observer("channel_mean_abs", axis, ChannelMeanAbsState,
+                             lambda k: _exact_zero((k,)), _mean_abs_update)
 
 
 def hessian(axis: int = -1) -> Observer:
@@ -211,18 +207,8 @@ def hessian(axis: int = -1) -> Observer:
     Returns:
       An :class:`~qatjax.calibration.Observer` whose state is a :class:`HessianState`.
     """
-    _check_axis(axis, "hessian")
-
-    def init(x_like: Any) -> HessianState:
-        k = _num_channels(x_like, axis, "hessian")
-        return HessianState(_exact_zero((k, k)), jnp.int32(0), jnp.int32(0))
-
-    def update(state: HessianState, x: jax.Array, *,
-               axis_name: Hashable | None = None) -> HessianState:
-        _check_state(state, HessianState, "hessian")
-        return _hessian_update(state, x, axis=axis, axis_name=axis_name)
-
-    return Observer(init, update)
+    return _channel_observer("hessian", axis, HessianState, lambda k: _exact_zero((k, k)),
+                             _hessian_update)
 
 
 # ----------------------------------------------------------------------------- finalizers

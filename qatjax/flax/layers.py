@@ -301,11 +301,16 @@ class _QuantLayer:
         if mode in ("init", _FINALIZE):
             self._write_specs()
 
-    def _init_quant_state(self, kernel: jax.Array, spec: DotSpec) -> None:
-        """fp8 delayed-scaling state and LSQ weight scales of ``kernel`` (as the layer uses it)."""
-        if self.config.fp8_scaling == "delayed":
-            self._fp8_meta()
-        self._learnable_kernel_scale(kernel, spec, reset=False)
+    def _kernel_quant_state(self, kernel: jax.Array, spec: DotSpec, mode: str) -> None:
+        """The weight side's state of ``kernel`` (as the layer uses it) in the float-output
+        modes: init creates the fp8 delayed-scaling state and the LSQ weight scales;
+        finalize re-initialises the LSQ scales from the (possibly rewritten) kernel."""
+        if mode == "init":
+            if self.config.fp8_scaling == "delayed":
+                self._fp8_meta()
+            self._learnable_kernel_scale(kernel, spec, reset=False)
+        elif mode == _FINALIZE:
+            self._learnable_kernel_scale(kernel, spec, reset=True)
 
     def _promote(self, inputs: jax.Array, kernel: jax.Array | None, bias: jax.Array | None
                  ) -> tuple[jax.Array, jax.Array | None]:
@@ -470,10 +475,8 @@ class QatDense(_QuantLayer, nn.Dense):
         if mode in ("float", "init", "calibrate", _FINALIZE):
             self._observe_or_finalize(inputs, mode)
             y = nn.Dense.__call__(self, inputs)
-            if mode == "init":
-                self._init_quant_state(self._read("params", "kernel"), self._dot_spec())
-            if mode == _FINALIZE:
-                self._learnable_kernel_scale(self._read("params", "kernel"), self._dot_spec(), reset=True)
+            if mode in ("init", _FINALIZE):
+                self._kernel_quant_state(self._read("params", "kernel"), self._dot_spec(), mode)
             return y
         if converted:
             k_in = _codes_k(self._stored_weights(self._dot_spec())[0], self._dot_spec())
@@ -527,11 +530,9 @@ class QatDenseGeneral(_QuantLayer, nn.DenseGeneral):
             if mode in ("init", _FINALIZE) and self.is_mutable_collection("quant_params"):
                 self.put_variable("quant_params", "dense_general_spec",
                                   specs.describe_dense_general(n_in, in_shape + features))
-            kernel = self._read("params", "kernel").reshape(k_in, n_out)
-            if mode == "init":
-                self._init_quant_state(kernel, self._dot_spec())
-            if mode == _FINALIZE:
-                self._learnable_kernel_scale(kernel, self._dot_spec(), reset=True)
+            if mode in ("init", _FINALIZE):
+                self._kernel_quant_state(self._read("params", "kernel").reshape(k_in, n_out),
+                                         self._dot_spec(), mode)
             return y
         kernel = None
         if converted:
@@ -618,10 +619,7 @@ class QatConv(_QuantLayer, nn.Conv):
                     if self.is_mutable_collection("quant_params"):
                         self.put_variable("quant_params", "kernel_mask", jnp.asarray(self.mask, jnp.bool_))
                     kernel = kernel * self.mask
-                if mode == "init":
-                    self._init_quant_state(kernel, self._dot_spec(conv=True))
-                else:
-                    self._learnable_kernel_scale(kernel, self._dot_spec(conv=True), reset=True)
+                self._kernel_quant_state(kernel, self._dot_spec(conv=True), mode)
             return y
         return self._quantized_conv(inputs, kernel_size, mode, converted)
 
@@ -752,10 +750,7 @@ class QatEinsum(_QuantLayer, nn.Einsum):
                 if self.is_mutable_collection("quant_params"):
                     self.put_variable("quant_params", "einsum_kernel_axes", jnp.asarray(rc, jnp.int32))
                 kernel = self._read("params", "kernel")
-                if mode == "init":
-                    self._init_quant_state(kernel, spec)
-                else:
-                    self._learnable_kernel_scale(kernel, spec, reset=True)
+                self._kernel_quant_state(kernel, spec, mode)
             return y
         kernel = None if converted else self.param("kernel", self.kernel_init, self.shape, self.param_dtype)
         bias = None

@@ -588,23 +588,15 @@ def smoothquant(model: nn.Module, variables: Mapping[str, Any], batches: Sequenc
       activation parameters are stale: re-calibrate (:func:`qatjax.calibrate`).
     """
     fn = "smoothquant"
-    batches = _check_batches(batches, fn)
     if alpha is not None and not (isinstance(alpha, (int, float)) and 0 <= alpha <= 1):
         raise ValueError(f"{fn}: `alpha` must be a float in [0, 1] or None (search), got {alpha!r}.")
-    axes = data_axes(mesh, data_axis, False, fn)
-    infos = input_groups(model, variables, batches[0], apply_kwargs=apply_kwargs)
-    groups = _select(infos, layers, lambda i: i.config.activation_format is not None)
-    if not groups:
-        raise ValueError(f"{fn}: no QatDense / QatDenseGeneral layer with quantized activations "
-                         f"matches `layers`={layers!r}.")
-    paths = frozenset(i.path for g in groups for i in g)
     search = alpha is None
-    stats, xs = _run_pass(model, variables, batches, ("absmax",), paths, search,
-                          progress=progress, apply_kwargs=apply_kwargs, mesh=mesh, axes=axes,
-                          desc="smoothquant statistics", row_mask=row_mask)
+    batches, groups, stats, xs = _smoothing_statistics(
+        model, variables, batches, fn, layers, "absmax", search, progress, apply_kwargs, mesh,
+        data_axis, row_mask)
     out = _copy(variables)
     folded = []
-    for group in _layer_bar(groups, progress, "smoothquant"):
+    for group in _layer_bar(groups, progress, fn):
         lead = group[0]
         kernels = [_kernel(out, i) for i in group]
         ax = _node(stats, lead.path)["input_absmax"].amax
@@ -619,13 +611,46 @@ def smoothquant(model: nn.Module, variables: Mapping[str, Any], batches: Sequenc
                 power_of_two=power_of_two).scales
         else:
             s = core.smoothquant_scales(ax, kernels, alpha, power_of_two=power_of_two)
-        target = _fold_target(group, fold, fn)
-        if target is not None:
-            folded.append(target)
-        _apply_smoothing(out, variables, group, s, target)
+        _smooth_group(out, variables, group, s, fold, fn, folded)
     if folded:
         _check_fold(model, variables, out, batches[0], apply_kwargs, folded, fn)
     return out
+
+
+def _smoothing_statistics(model, variables, batches, fn: str, layers: str, statistic: str,
+                          keep_inputs: bool, progress: bool, apply_kwargs, mesh, data_axis, row_mask):
+    """The statistics pass of SmoothQuant / AWQ: ``(batches, groups, stats, inputs)``.
+
+    ``groups``: the input groups of the layers matching ``layers`` that the method applies to
+    (quantized activations for SmoothQuant's ``"absmax"``, integer weights for AWQ's
+    ``"mean_abs"``); ``stats``: the per-channel ``statistic`` of each group's input over all
+    ``batches``; ``inputs``: the groups' inputs (when ``keep_inputs``, for a search)."""
+    batches = _check_batches(batches, fn)
+    axes = data_axes(mesh, data_axis, False, fn)
+    infos = input_groups(model, variables, batches[0], apply_kwargs=apply_kwargs)
+    if statistic == "absmax":
+        applies, what = (lambda i: i.config.activation_format is not None), "quantized activations"
+    else:
+        applies, what = _int_weights, "integer weights"
+    groups = _select(infos, layers, applies)
+    if not groups:
+        raise ValueError(f"{fn}: no QatDense / QatDenseGeneral layer with {what} matches "
+                         f"`layers`={layers!r}.")
+    paths = frozenset(i.path for g in groups for i in g)
+    stats, xs = _run_pass(model, variables, batches, (statistic,), paths, keep_inputs,
+                          progress=progress, apply_kwargs=apply_kwargs, mesh=mesh, axes=axes,
+                          desc=f"{fn} statistics", row_mask=row_mask)
+    return batches, groups, stats, xs
+
+
+def _smooth_group(out, variables, group, s, fold, fn: str, folded: list) -> None:
+    """Applies the smoothing scales ``s`` of one input group to ``out`` (kernel rows times
+    ``s``, and ``input_smoothing`` or the ``fold`` target's LayerNorm), recording a folded
+    target in ``folded``."""
+    target = _fold_target(group, fold, fn)
+    if target is not None:
+        folded.append(target)
+    _apply_smoothing(out, variables, group, s, target)
 
 
 # ----------------------------------------------------------------------------- AWQ
@@ -654,29 +679,18 @@ def awq(model: nn.Module, variables: Mapping[str, Any], batches: Sequence[Any], 
       New variables. Re-calibrate static activations afterwards (the inputs changed).
     """
     fn = "awq"
-    batches = _check_batches(batches, fn)
-    axes = data_axes(mesh, data_axis, False, fn)
-    infos = input_groups(model, variables, batches[0], apply_kwargs=apply_kwargs)
-    groups = _select(infos, layers, _int_weights)
-    if not groups:
-        raise ValueError(f"{fn}: no QatDense / QatDenseGeneral layer with integer weights matches "
-                         f"`layers`={layers!r}.")
-    paths = frozenset(i.path for g in groups for i in g)
-    stats, xs = _run_pass(model, variables, batches, ("mean_abs",), paths, True,
-                          progress=progress, apply_kwargs=apply_kwargs, mesh=mesh, axes=axes,
-                          desc="awq statistics", row_mask=row_mask)
+    batches, groups, stats, xs = _smoothing_statistics(
+        model, variables, batches, fn, layers, "mean_abs", True, progress, apply_kwargs, mesh,
+        data_axis, row_mask)
     out = _copy(variables)
     folded = []
-    for group in _layer_bar(groups, progress, "awq"):
+    for group in _layer_bar(groups, progress, fn):
         lead = group[0]
         x = xs[lead.path]
         m = calibration.mean_abs(_node(stats, lead.path)["input_mean_abs"])
         s = core.awq_scales(x, [_kernel(out, i) for i in group], m,
                             lead.config.weight_quantizer(), n_grid=n_grid).scales
-        target = _fold_target(group, fold, fn)
-        if target is not None:
-            folded.append(target)
-        _apply_smoothing(out, variables, group, s, target)
+        _smooth_group(out, variables, group, s, fold, fn, folded)
         if clip:
             x_s = core.smooth_input(x, s)
             for info in group:
