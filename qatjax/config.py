@@ -85,11 +85,12 @@ class QatConfig:
       original_residuals: the backward pass multiplies by the float input and kernel
         instead of their quantized values (``dx = (g @ kernel.T) * mask_x``,
         ``dw = (x.T @ g) * mask_w``): Qwix's default when only the forward pass is
-        quantized. It skips dequantizing the codes, so a train step is a few percent
-        cheaper, but it keeps float residuals (4x the memory of the default int8 codes)
-        and is not the gradient of the fake-quant forward that PyTorch's fake
-        quantization and AQT compute (the default, False). Needs two integer (or two
-        fp8) operands and ``ste`` ``"clipped"`` or ``"identity"``.
+        quantized. It skips dequantizing the codes (on XLA:CPU, which cannot fuse that
+        into the backward's matmuls, a train step is 3-9% cheaper), but it keeps float
+        residuals where the default keeps 1-byte codes, and it is not the gradient of
+        the fake-quant forward that PyTorch's fake quantization and AQT compute (the
+        default, False): 0.5-1% off it with int8 weights, 9% (dx) with int4. Needs two
+        integer (or two fp8) operands and ``ste`` ``"clipped"`` or ``"identity"``.
       fp8_scaling: the fp8 training recipe (:mod:`qatjax.fp8`), for fp8 weights and
         activations with per-tensor scales: ``"current"`` (amax of the tensor now) or
         ``"delayed"`` (amax history in the ``fp8_meta`` collection, Transformer Engine
