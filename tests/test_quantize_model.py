@@ -158,6 +158,33 @@ def test_attention_projections_are_quantized():
     assert imported["attn"]["query"]["kernel"].shape == (32, 4, 8)
 
 
+def test_einsum_in_a_setup_style_module_is_quantized():
+    """A module defined with ``setup`` (as Hugging Face's Flax models are) may not create
+    variables in ``__call__``; its activation x activation einsum still gets its calibration
+    state, scales equal to min / max of its operands, and serves what it trains."""
+    class SetupScores(nn.Module):
+        def setup(self):
+            self.q, self.k = nn.Dense(8), nn.Dense(8)
+
+        def __call__(self, x):
+            return jnp.einsum("bqd,bkd->bqk", self.q(x), self.k(x))
+
+    model, x = SetupScores(), _x(shape=(2, 5, 6))
+    params = model.init(jax.random.key(1), x)["params"]
+    qmodel = quantize_model(model, CFG)
+    assert "einsum0_lhs" in qmodel.init(jax.random.key(1), x)["quant_stats"]
+    batches = [x, _x(1, (2, 5, 6))]
+    v = qatjax.calibrate(qmodel, {"params": params}, batches)
+    q = [np.asarray(model.apply({"params": params}, b, method=lambda m, b: m.q(b))) for b in batches]
+    # minmax, symmetric int8: scale = max|q| / 127 over every batch
+    np.testing.assert_allclose(np.asarray(v["quant_params"]["einsum0_lhs_scale"]),
+                               max(np.abs(a).max() for a in q) / 127, rtol=1e-6)
+    y = _jitted(qmodel, "train")(v, x)
+    assert np.abs(np.asarray(y) - np.asarray(model.apply({"params": params}, x))).max() > 0
+    np.testing.assert_array_equal(np.asarray(_jitted(qmodel, "infer")(qatjax.convert(v), x)),
+                                  np.asarray(y))
+
+
 def test_axis_name_reduces_calibration_across_8_devices():
     """quantize_model(..., axis_name=) gives the swapped layers the mapped axis: calibration
     statistics under shard_map equal the single-device ones."""

@@ -284,6 +284,15 @@ def _where(frame: _Frame, name: str = "") -> str:
     return "/".join(frame.module.scope.path + ((name,) if name else ()))
 
 
+def _state_variable(module: nn.Module, collection: str, name: str, init):
+    """``module.variable(collection, name, init)``, also from a method of a ``setup``-style
+    module (Hugging Face's Flax models, for one): Flax creates variables only in ``setup`` or
+    ``@compact`` methods, so there the variable is made in the module's scope directly."""
+    if getattr(module, "_initialization_allowed", True):
+        return module.variable(collection, name, init)
+    return module.scope.variable(collection, name, init)
+
+
 def _quantized_call(frame: _Frame, op: str, lhs, rhs, contracting, float_call, contract,
                     per_token_ok: bool = True):
     """One intercepted contraction of ``frame.module``, named ``{op}{i}`` (its ``i``-th call).
@@ -321,7 +330,7 @@ def _quantized_call(frame: _Frame, op: str, lhs, rhs, contracting, float_call, c
                 "quant_stats") or module.has_variable("quant_stats", f"{name}_lhs")
             for side, a, role in (("lhs", lhs, roles[0]), ("rhs", rhs, roles[1])):
                 if role == "activation" and act is not None and act.static and keeps_stats:
-                    stats = module.variable("quant_stats", f"{name}_{side}", act.init)
+                    stats = _state_variable(module, "quant_stats", f"{name}_{side}", act.init)
                     if mode == "calibrate":
                         stats.value = act.observe(stats.value, a, frame.axis_name)
                     if mode == _FINALIZE:
