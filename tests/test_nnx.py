@@ -373,3 +373,21 @@ def test_a_custom_dot_general_runs_float_and_is_refused_when_quantized():
     assert calls  # float mode is the NNX layer, its dot_general included
     with pytest.raises(ValueError, match="custom `dot_general` cannot be quantized"):
         layer(x, mode="train")
+
+
+def test_layers_stacked_by_nnx_vmap_are_refused_clearly_and_left_unchanged():
+    """Layers created under nnx.vmap (for nnx.scan over layers) hold stacked kernels, which
+    the NNX front end does not quantize: a clear error naming the layer, the model untouched."""
+    class Stack(nnx.Module):
+        def __init__(self, rngs):
+            @nnx.split_rngs(splits=3)
+            @nnx.vmap(in_axes=(0,), out_axes=0)
+            def make(rngs):
+                return nnx.Linear(8, 8, rngs=rngs)
+            self.layers = make(rngs)
+
+    model = Stack(nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"Linear layers holds a kernel of shape \(3, 8, 8\), not "
+                                         r"the \(8, 8\).*nnx.vmap"):
+        qnnx.quantize_model(model, QatConfig())
+    assert type(model.layers) is nnx.Linear

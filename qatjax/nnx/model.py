@@ -158,7 +158,7 @@ def quantize_model(model: nnx.Module, config: QatConfig | None = QatConfig(), *,
                 break
         is_layer = float_type(node) in _TWINS
         if is_layer and path and cfg is not None:
-            swaps.append((path, _drop_in(node, cfg, mode, axis_name)))
+            swaps.append((path, _drop_in(node, cfg, mode, axis_name, path)))
         else:  # its own contractions follow cfg (None for float layers: not their parent's)
             frames.append((node, None if is_layer else cfg, tuple(map(str, path))))
     unused = [pattern for i, (pattern, _) in enumerate(rules) if i not in decided]
@@ -178,12 +178,31 @@ def quantize_model(model: nnx.Module, config: QatConfig | None = QatConfig(), *,
     return model
 
 
-def _drop_in(node: nnx.Module, cfg: QatConfig, mode: str | None, axis_name: str | None
-             ) -> _LinenBacked:
-    """The qatjax drop-in of ``node`` holding ``node``'s own variables."""
+def _kernel_shape(node: nnx.Module) -> tuple[int, ...]:
+    """The kernel shape an NNX layer's constructor arguments give (nnx.Linear, LinearGeneral,
+    Conv or Einsum)."""
+    kind = float_type(node)
+    if kind is nnx.Linear:
+        return (node.in_features, node.out_features)
+    if kind is nnx.LinearGeneral:
+        return (*dict(node.batch_axis).values(), *node.in_features, *node.out_features)
+    return tuple(node.kernel_shape)
+
+
+def _drop_in(node: nnx.Module, cfg: QatConfig, mode: str | None, axis_name: str | None,
+             where: tuple) -> _LinenBacked:
+    """The qatjax drop-in of ``node`` (at ``where``) holding ``node``'s own variables."""
     kind = float_type(node)
     kernel = node.kernel
     bias = node.bias
+    expected = _kernel_shape(node)
+    if tuple(kernel.shape) != expected:
+        raise ValueError(
+            f"quantize_model (qatjax.nnx): {kind.__name__} {_path_str(where)} holds a kernel of "
+            f"shape {tuple(kernel.shape)}, not the {expected} its arguments give: layers stacked "
+            "by nnx.vmap (to run under nnx.scan) are not quantized by the NNX front end. Keep "
+            "the layers in a list, or write the model in linen with nn.scan (qatjax.flax."
+            "quantize_model keeps scanned layers stacked).")
     common = dict(config=cfg, mode=mode, axis_name=axis_name, rngs=nnx.Rngs(0),
                   dtype=node.dtype, param_dtype=node.param_dtype, precision=node.precision,
                   promote_dtype=node.promote_dtype,
