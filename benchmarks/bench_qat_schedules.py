@@ -30,14 +30,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
-import inspect
 import os
 import pickle
 import re
 import sys
 import time
-import warnings
 
 import jax
 import numpy as np
@@ -50,51 +47,7 @@ import minilm_qat as mq  # noqa: E402
 
 from qatjax.flax import distiller, embedding_distance, ptq  # noqa: E402
 
-_MODULES = (
-    "collections", "itertools", "functools", "json", "os", "pathlib", "re", "string", "textwrap",
-    "datetime", "decimal", "fractions", "statistics", "random", "heapq", "bisect", "argparse",
-    "logging", "email", "urllib.parse", "csv", "sqlite3", "typing", "unittest", "threading",
-    "asyncio", "subprocess", "shutil", "tempfile", "zipfile", "tarfile", "gzip", "hashlib",
-    "base64", "struct", "copy", "pickle", "socket", "ssl", "http.client", "http.server",
-    "xml.etree.ElementTree", "html", "calendar", "time", "math", "cmath", "operator",
-    "contextlib", "abc", "enum", "dataclasses", "inspect", "traceback", "warnings", "weakref",
-    "queue", "sched", "selectors", "signal", "mmap", "codecs", "locale", "gettext", "difflib",
-    "pprint", "reprlib", "numbers", "array", "graphlib", "ipaddress", "smtplib", "imaplib",
-    "ftplib", "poplib", "mailbox", "mimetypes", "uuid", "secrets", "hmac", "platform", "glob",
-    "fnmatch", "linecache", "tokenize", "ast", "dis", "pdb", "timeit", "trace", "cProfile",
-    "configparser", "netrc", "plistlib", "shelve", "dbm", "zlib", "bz2", "lzma", "wave",
-    "colorsys", "turtle", "cmd", "shlex", "getpass", "curses", "webbrowser", "wsgiref")
 _SCALES = ("kernel_scale", "kernel_zero_point", "input_scale", "input_zero_point")
-
-
-def docstring_sentences() -> list[str]:
-    """Sentences of 5 to 20 words (mostly letters) from the docstrings of the standard
-    library modules above, their public functions, classes and methods, in a fixed order."""
-    out: dict[str, None] = {}
-    for name in _MODULES:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                module = importlib.import_module(name)
-        except ImportError:
-            continue
-        docs = [module.__doc__ or ""]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            for key, value in sorted(vars(module).items()):
-                if (key.startswith("_") or getattr(value, "__module__", None) != module.__name__
-                        or not (inspect.isfunction(value) or inspect.isclass(value))):
-                    continue
-                docs.append(value.__doc__ or "")
-                if inspect.isclass(value):
-                    docs += [getattr(v, "__doc__", None) or "" for k, v in sorted(vars(value).items())
-                             if not k.startswith("_") and callable(v)]
-        for doc in docs:
-            for s in re.split(r"(?<=[.!?])\s+(?=[A-Z])", " ".join(doc.split())):
-                if (5 <= len(s.split()) <= 20 and s[0].isupper() and s[-1] in ".?!"
-                        and sum(c.isalpha() or c == " " for c in s) > 0.85 * len(s)):
-                    out[s] = None
-    return list(out)
 
 
 def main() -> None:
@@ -129,7 +82,7 @@ def main() -> None:
         if part == "gen":
             sentences += mq.training_sentences(settings.num_sentences, settings.seed)
         elif part == "doc":
-            sentences += docstring_sentences()
+            sentences += mq.docstring_sentences()
         elif re.fullmatch(r"cal\d*", part):
             sentences += list(minilm.CALIBRATION_SENTENCES) * int(part[3:] or 1)
         else:

@@ -19,10 +19,13 @@ LSQ (``learnable_scales``) learns every weight and activation scale and zero poi
 weights, biases and LayerNorms (the float embeddings stay frozen); the objective is the cosine
 distance of the sentence embeddings to the float model's plus, on every layer's hidden states
 (real tokens only), their cosine distance and mean squared error; the float model is the frozen
-teacher in the same jitted step. Unlabeled text only: :func:`training_sentences` generates
-3000 varied sentences (disjoint from :data:`minilm.SENTENCES`); calibration uses
-:data:`minilm.CALIBRATION_SENTENCES`, evaluation :data:`minilm.EVALUATION_SENTENCES` (held out
-from both).
+teacher in the same jitted step. Unlabeled text only (:func:`training_text`): 3000 varied
+generated sentences (:func:`training_sentences`, disjoint from :data:`minilm.SENTENCES`), the
+sentences of the standard library's docstrings (:func:`docstring_sentences`) and the 32
+calibration sentences (:data:`minilm.CALIBRATION_SENTENCES`, the in-domain text a user has)
+repeated 32 times; evaluation uses :data:`minilm.EVALUATION_SENTENCES`, held out from all of
+it. (The in-domain sentences matter most for W4A8: ``benchmarks/RESULTS.md``, "In-domain
+training text".)
 
 Every figure is measured on the served model (:func:`qatjax.convert`, then ``mode="infer"``):
 the min and mean cosine of the quantized sentence embeddings to the float ones, and the
@@ -55,9 +58,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import importlib
+import inspect
 import os
+import re
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -107,7 +114,9 @@ __all__ = [
     "tiny_minilm",
     "train",
     "training_batch",
+    "docstring_sentences",
     "training_sentences",
+    "training_text",
 ]
 
 # ----------------------------------------------------------------------------- training text
@@ -211,6 +220,68 @@ def training_sentences(n: int, seed: int = 0) -> tuple[str, ...]:
     return tuple(out)
 
 
+_DOC_MODULES = (
+    "collections", "itertools", "functools", "json", "os", "pathlib", "re", "string", "textwrap",
+    "datetime", "decimal", "fractions", "statistics", "random", "heapq", "bisect", "argparse",
+    "logging", "email", "urllib.parse", "csv", "sqlite3", "typing", "unittest", "threading",
+    "asyncio", "subprocess", "shutil", "tempfile", "zipfile", "tarfile", "gzip", "hashlib",
+    "base64", "struct", "copy", "pickle", "socket", "ssl", "http.client", "http.server",
+    "xml.etree.ElementTree", "html", "calendar", "time", "math", "cmath", "operator",
+    "contextlib", "abc", "enum", "dataclasses", "inspect", "traceback", "warnings", "weakref",
+    "queue", "sched", "selectors", "signal", "mmap", "codecs", "locale", "gettext", "difflib",
+    "pprint", "reprlib", "numbers", "array", "graphlib", "ipaddress", "smtplib", "imaplib",
+    "ftplib", "poplib", "mailbox", "mimetypes", "uuid", "secrets", "hmac", "platform", "glob",
+    "fnmatch", "linecache", "tokenize", "ast", "dis", "pdb", "timeit", "trace", "cProfile",
+    "configparser", "netrc", "plistlib", "shelve", "dbm", "zlib", "bz2", "lzma", "wave",
+    "colorsys", "turtle", "cmd", "shlex", "getpass", "curses", "webbrowser", "wsgiref")
+
+
+def docstring_sentences() -> list[str]:
+    """Natural (technical) English available offline: sentences of 5 to 20 words, mostly
+    letters, from the docstrings of the standard library modules in ``_DOC_MODULES``, their
+    public functions, classes and methods, in a fixed order (the set depends on the Python
+    version)."""
+    out: dict[str, None] = {}
+    for name in _DOC_MODULES:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                module = importlib.import_module(name)
+        except ImportError:
+            continue
+        docs = [module.__doc__ or ""]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for key, value in sorted(vars(module).items()):
+                if (key.startswith("_") or getattr(value, "__module__", None) != module.__name__
+                        or not (inspect.isfunction(value) or inspect.isclass(value))):
+                    continue
+                docs.append(value.__doc__ or "")
+                if inspect.isclass(value):
+                    docs += [getattr(v, "__doc__", None) or "" for k, v in sorted(vars(value).items())
+                             if not k.startswith("_") and callable(v)]
+        for doc in docs:
+            for s in re.split(r"(?<=[.!?])\s+(?=[A-Z])", " ".join(doc.split())):
+                if (5 <= len(s.split()) <= 20 and s[0].isupper() and s[-1] in ".?!"
+                        and sum(c.isalpha() or c == " " for c in s) > 0.85 * len(s)):
+                    out[s] = None
+    return list(out)
+
+
+def training_text(settings: "Settings", tokenizer: minilm.WordPieceTokenizer) -> list[str]:
+    """The distillation text of ``settings``: :func:`training_sentences` (``num_sentences``),
+    then :func:`docstring_sentences` (``docstring_text``), then the calibration sentences
+    repeated ``calibration_repeats`` times (the in-domain text a user has), keeping those of
+    at most ``max_tokens`` tokens; never an evaluation sentence."""
+    sentences = list(training_sentences(settings.num_sentences, settings.seed))
+    if settings.docstring_text:
+        sentences += docstring_sentences()
+    sentences += list(minilm.CALIBRATION_SENTENCES) * settings.calibration_repeats
+    held_out = set(minilm.EVALUATION_SENTENCES)
+    return [t for t in sentences
+            if t not in held_out and len(tokenizer.encode(t)) <= settings.max_tokens]
+
+
 # ----------------------------------------------------------------------------- recipes
 _ATTENTION = r"layer_\d+/attention"  # the frame of the two attention einsums
 
@@ -276,6 +347,9 @@ class Settings:
       clip_norm: global gradient-norm clipping.
       hidden_weight: weight of the hidden-state terms (0: sentence embeddings only).
       num_sentences: generated training sentences.
+      docstring_text: add :func:`docstring_sentences` to the training text.
+      calibration_repeats: times the calibration sentences are repeated in the training text
+        (0: not used).
       max_tokens: training sentences longer than this (with [CLS] / [SEP]) are dropped; the
         batches are padded to the longest kept one (one compilation).
       calib_batch_size: calibration batch size.
@@ -283,13 +357,15 @@ class Settings:
       seed: sentence generation and batch order.
     """
 
-    steps: tuple[tuple[str, int], ...] = (("w4a8", 220), ("w4", 500))
+    steps: tuple[tuple[str, int], ...] = (("w4a8", 700), ("w4", 1000))
     batch_size: int = 16
     learning_rate: float = 5e-5
     warmup: float = 0.1
     clip_norm: float = 1.0
     hidden_weight: float = 1.0
     num_sentences: int = 3000
+    docstring_text: bool = True
+    calibration_repeats: int = 32
     max_tokens: int = 24
     calib_batch_size: int = 8
     checkpoint_every: int = 50
@@ -309,7 +385,8 @@ class Settings:
 
 FULL = Settings()
 TINY = Settings(steps=(("w4a8", 4), ("w4", 4)), batch_size=8, learning_rate=1e-3,
-                num_sentences=48, max_tokens=20, checkpoint_every=2)
+                num_sentences=48, docstring_text=False, calibration_repeats=1, max_tokens=20,
+                checkpoint_every=2)
 
 
 # ----------------------------------------------------------------------------- models
@@ -668,10 +745,11 @@ def run(model: nn.Module, params: dict, tokenizer: minilm.WordPieceTokenizer, *,
     ev = tokenizer(minilm.EVALUATION_SENTENCES)
     eval_batch = (ev["input_ids"], ev["attention_mask"])
     float_emb = np.asarray(jax.jit(model.apply)({"params": params}, *eval_batch))
-    sentences = [s for s in training_sentences(settings.num_sentences, settings.seed)
-                 if len(tokenizer.encode(s)) <= settings.max_tokens]
+    sentences = training_text(settings, tokenizer)
     train_data = tokenizer(sentences)
-    print(f"training text: {len(sentences)} generated sentences (<= {settings.max_tokens} "
+    print(f"training text: {len(sentences)} sentences (generated"
+          f"{', docstrings' if settings.docstring_text else ''}, calibration x "
+          f"{settings.calibration_repeats}; <= {settings.max_tokens} "
           f"tokens, padded to {train_data['input_ids'].shape[1]}); calibration "
           f"{len(minilm.CALIBRATION_SENTENCES)}, evaluation {len(minilm.EVALUATION_SENTENCES)} "
           "(held out)")

@@ -208,6 +208,21 @@ def test_training_text_is_disjoint_from_calibration_and_evaluation():
         minilm_qat.training_sentences(0)
 
 
+def test_the_distillation_text_holds_docstrings_and_calibration_never_evaluation(tiny):
+    _, _, tok, _ = tiny
+    settings = dataclasses.replace(TINY, docstring_text=True, calibration_repeats=3)
+    text = minilm_qat.training_text(settings, tok)
+    docs = minilm_qat.docstring_sentences()
+    assert len(docs) > 500 and all(5 <= len(d.split()) <= 20 for d in docs)
+    assert not set(text) & set(minilm.EVALUATION_SENTENCES)
+    assert all(len(tok.encode(t)) <= settings.max_tokens for t in text)
+    kept_cal = [c for c in minilm.CALIBRATION_SENTENCES if len(tok.encode(c)) <= settings.max_tokens]
+    assert kept_cal and all(text.count(c) == 3 for c in kept_cal)
+    assert set(text) & set(docs)
+    without = minilm_qat.training_text(TINY, tok)  # the tiny run: no docstrings, calibration once
+    assert not set(without) & set(docs) and all(without.count(c) == 1 for c in kept_cal)
+
+
 def test_resuming_a_checkpoint_reproduces_the_uninterrupted_run(tiny, tmp_path):
     """int4 per-channel weight-only LSQ: 4 steps at once, or 2 steps, a checkpoint, and 2 more
     from it: the same state and losses, bit for bit."""
