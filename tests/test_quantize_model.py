@@ -185,6 +185,47 @@ def test_einsum_in_a_setup_style_module_is_quantized():
                                   np.asarray(y))
 
 
+def test_a_head_tied_to_the_embedding_through_its_own_apply():
+    """``self.head.apply({"params": {"kernel": emb.T}}, h)`` (GPT-2's tied head in Hugging
+    Face's Flax models) runs on a root scope of its own: a recipe with state is refused with
+    the rule that keeps it float (rules match its name), and a stateless one quantizes it."""
+    class TiedHead(nn.Module):
+        def setup(self):
+            self.embed = nn.Embed(50, 16)
+            self.body = nn.Dense(16)
+            self.head = nn.Dense(50, use_bias=False)
+
+        def __call__(self, ids):
+            h = self.body(self.embed(ids))
+            return self.head.apply({"params": {"kernel": self.embed.embedding.T}}, h)
+
+    model, ids = TiedHead(), jnp.arange(12).reshape(2, 6)
+    params = model.init(jax.random.key(0), ids)["params"]
+    with pytest.raises(ValueError, match=r"'head' \(Dense\) runs through its own Module.apply.*"
+                                         r"\('head', None\)"):
+        qatjax.calibrate(quantize_model(model, CFG), {"params": params}, [ids])
+    qmodel = quantize_model(model, CFG, rules=[("head", None)])
+    v = qatjax.calibrate(qmodel, {"params": params}, [ids])
+    assert [r.path for r in qatjax.quant_report(v).layers] == ["body"]
+    y = _jitted(qmodel, "train")(v, ids)
+    np.testing.assert_array_equal(np.asarray(_jitted(qmodel, "infer")(qatjax.convert(v), ids)),
+                                  np.asarray(y))
+    # Dynamic scales keep no state: the head is quantized too (its kernel on the fly).
+    dyn = quantize_model(model, QatConfig(activation_scaling="dynamic"), mode="train")
+    v = {**dyn.init(jax.random.key(0), ids), "params": params}
+    def qat_dense(features, kernel, bias, x):  # the hand-written qatjax layer
+        layer = QatDense(features, use_bias=bias is not None, mode="train",
+                         config=QatConfig(activation_scaling="dynamic"))
+        p = {"kernel": kernel} if bias is None else {"kernel": kernel, "bias": bias}
+        return layer.apply({**layer.init(jax.random.key(0), x), "params": p}, x)
+
+    emb = params["embed"]["embedding"]
+    h = qat_dense(16, params["body"]["kernel"], params["body"]["bias"], emb[ids])
+    expected = qat_dense(50, emb.T, None, h)
+    np.testing.assert_array_equal(np.asarray(dyn.apply(v, ids)), np.asarray(expected))
+    assert np.abs(np.asarray(expected) - np.asarray(model.apply({"params": params}, ids))).max() > 0
+
+
 def test_axis_name_reduces_calibration_across_8_devices():
     """quantize_model(..., axis_name=) gives the swapped layers the mapped axis: calibration
     statistics under shard_map equal the single-device ones."""

@@ -117,10 +117,31 @@ class _Interceptor:
         if module.scope is None:
             return next_fun(*args, **kwargs)
         path = "/".join(module.scope.path)
+        # A named submodule run through its own ``Module.apply`` inside the model (a head
+        # tied to the embedding: ``self.head.apply({"params": {"kernel": emb.T}}, h)``) is
+        # bound to a root scope of its own: its rules match its name.
+        # (Told apart from the body of a lifted transform such as nn.scan, also on a root
+        # scope, by having no quantization collection at all, not even a mutable one.)
+        scope = module.scope
+        detached = not scope.path and module.name is not None and all(
+            scope.is_collection_empty(c) and not scope.is_mutable_collection(c)
+            for c in ("quant_params", "quant_stats"))
+        if detached:
+            path = module.name
         cfg = self.config_for(path)
         twin = _TWINS.get(type(module))
         if cfg is None or isinstance(module, tuple(t for t, _ in _TWINS.values())):
             return _within(None, next_fun, args, kwargs)  # float, or a qatjax layer already
+        stateful = cfg.learnable_scales or cfg.fp8_scaling == "delayed" or (
+            cfg.activation_format is not None and cfg.activation_scaling == "static")
+        if detached and stateful and (_forced_mode.get() or self.mode) != "float":
+            raise ValueError(
+                f"quantize_model: {path!r} ({type(module).__name__}) runs through its own "
+                "Module.apply inside the model (as a head tied to the embedding does), so the "
+                "model's variables cannot hold its quantization state (static activation "
+                "scales, learnable scales or fp8 histories). Keep it float with a rule "
+                f"({path!r}, None), or give it a recipe without state, e.g. "
+                "activation_scaling='dynamic'.")
         if twin is None or context.method_name != "__call__":
             # Any other module (attention, subclasses of nn.Dense, custom layers): its own
             # lax.dot_general / jnp.einsum calls are quantized (children get their own frame).

@@ -462,8 +462,11 @@ def _check_quantized(variables: Any, fn: str) -> None:
         raise ValueError(
             f"{fn}: `variables` hold no quantization state (no 'quant_params' or 'quant_stats'): "
             "the model has no qatjax layers (QatDense, QatConv, ... or qatjax.flax.quantize_model), "
-            "or the variables come from the float model; initialise the quantized model and "
-            "calibrate it first.")
+            "or the variables come from the float model (initialise the quantized model and "
+            "calibrate it first), or every quantized contraction is one quantize_model "
+            "intercepts (a custom layer's lax.dot_general / einsum) with a recipe that keeps no "
+            "state (dynamic activation scales, weight-only): those quantize as they run, in "
+            "train and infer mode, with nothing to calibrate or convert.")
 
 
 def _get(tree: Any, path: tuple[str, ...]) -> Any:
