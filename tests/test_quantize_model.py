@@ -226,6 +226,36 @@ def test_a_head_tied_to_the_embedding_through_its_own_apply():
     assert np.abs(np.asarray(expected) - np.asarray(model.apply({"params": params}, ids))).max() > 0
 
 
+def test_gradients_through_nn_remat():
+    """Under nn.remat, differentiation traces the quantized contraction's forward rule after
+    the layer has returned; qatjax's own dot_generals there are not intercepted again: the
+    gradient equals the one without remat."""
+    class Attn(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            q, k = nn.Dense(8, name="q")(x), nn.Dense(8, name="k")(x)
+            return jnp.einsum("bqd,bkd->bqk", q, k)
+
+    class Net(nn.Module):
+        remat: bool
+
+        @nn.compact
+        def __call__(self, x):
+            return (nn.remat(Attn) if self.remat else Attn)(name="attn")(x)
+
+    x = _x(shape=(2, 5, 6))
+    params = Net(False).init(jax.random.key(1), x)["params"]
+    grads = []
+    for remat in (False, True):
+        qmodel = quantize_model(Net(remat), CFG)
+        v = qatjax.calibrate(qmodel, {"params": params}, [x])
+        with quant_mode("train"):
+            grads.append(jax.grad(lambda p: jnp.sum(qmodel.apply({**v, "params": p}, x) ** 2))(
+                v["params"]))
+    jax.tree_util.tree_map(np.testing.assert_array_equal, grads[1], grads[0])
+    assert float(jnp.abs(grads[1]["attn"]["q"]["kernel"]).sum()) > 0
+
+
 def test_axis_name_reduces_calibration_across_8_devices():
     """quantize_model(..., axis_name=) gives the swapped layers the mapped axis: calibration
     statistics under shard_map equal the single-device ones."""

@@ -29,6 +29,7 @@ import contextvars
 import dataclasses
 import functools
 import re
+import sys
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
@@ -179,9 +180,18 @@ def _is_param(module: nn.Module, a: Any) -> bool:
         jnp.ndim(p) >= 2 and jnp.shape(p) == jnp.shape(a) for p in params)
 
 
+def _user_frame() -> "_Frame | None":
+    """The frame of the module whose code made the intercepted call, or None when qatjax
+    itself made it: the quantized contractions' own ``lax.dot_general`` calls (a custom VJP's
+    forward rule, which differentiation under ``nn.remat`` traces after the layer's frame
+    has closed) are never quantized again."""
+    caller = sys._getframe(2).f_globals.get("__name__", "")
+    return None if caller == "qatjax" or caller.startswith("qatjax.") else _frame.get()
+
+
 def _intercepted_dot_general(lhs, rhs, dimension_numbers, precision=None,
                              preferred_element_type=None, **kwargs):
-    frame = _frame.get()
+    frame = _user_frame()
     float_call = functools.partial(_ORIGINAL["dot_general"], lhs, rhs, dimension_numbers,
                                    precision=precision, preferred_element_type=preferred_element_type,
                                    **kwargs)
@@ -194,7 +204,7 @@ def _intercepted_dot_general(lhs, rhs, dimension_numbers, precision=None,
 
 
 def _intercepted_einsum(subscripts, *operands, **kwargs):
-    frame = _frame.get()
+    frame = _user_frame()
     float_call = functools.partial(_ORIGINAL["einsum"], subscripts, *operands, **kwargs)
     if frame is None or not isinstance(subscripts, str) or len(operands) != 2:
         return float_call()
@@ -208,7 +218,7 @@ def _intercepted_einsum(subscripts, *operands, **kwargs):
 def _intercepted_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                       dimension_numbers=None, feature_group_count=1, batch_group_count=1,
                       precision=None, preferred_element_type=None):
-    frame = _frame.get()
+    frame = _user_frame()
     float_call = functools.partial(
         _ORIGINAL["conv_general_dilated"], lhs, rhs, window_strides, padding, lhs_dilation,
         rhs_dilation, dimension_numbers, feature_group_count, batch_group_count, precision,
@@ -262,7 +272,7 @@ def _intercepted_dot_product_attention(query, key, value, bias=None, mask=None, 
     ``Q K^T`` and ``A V``, quantized as intercepted einsums (``einsum{i}`` of the frame);
     masking and the float32 softmax as in JAX's XLA implementation. Float mode, and calls
     outside a quantized module, run the original."""
-    frame = _frame.get()
+    frame = _user_frame()
     float_call = functools.partial(
         _ORIGINAL["dot_product_attention"], query, key, value, bias, mask, scale=scale,
         is_causal=is_causal, query_seq_lengths=query_seq_lengths,
