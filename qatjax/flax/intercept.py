@@ -184,9 +184,12 @@ def _user_frame() -> "_Frame | None":
     """The frame of the module whose code made the intercepted call, or None when qatjax
     itself made it: the quantized contractions' own ``lax.dot_general`` calls (a custom VJP's
     forward rule, which differentiation under ``nn.remat`` traces after the layer's frame
-    has closed) are never quantized again."""
+    has closed) are never quantized again. (This module's stand-in for
+    ``jax.nn.dot_product_attention`` calls ``jnp.einsum`` as the user's code would.)"""
     caller = sys._getframe(2).f_globals.get("__name__", "")
-    return None if caller == "qatjax" or caller.startswith("qatjax.") else _frame.get()
+    if caller != __name__ and (caller == "qatjax" or caller.startswith("qatjax.")):
+        return None
+    return _frame.get()
 
 
 def _intercepted_dot_general(lhs, rhs, dimension_numbers, precision=None,
