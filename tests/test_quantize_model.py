@@ -245,10 +245,10 @@ def test_gradients_through_nn_remat():
 
     x = _x(shape=(2, 5, 6))
     params = Net(False).init(jax.random.key(1), x)["params"]
+    v = qatjax.calibrate(quantize_model(Net(False), CFG), {"params": params}, [x])  # same paths
     grads = []
     for remat in (False, True):
         qmodel = quantize_model(Net(remat), CFG)
-        v = qatjax.calibrate(qmodel, {"params": params}, [x])
         with quant_mode("train"):
             grads.append(jax.grad(lambda p: jnp.sum(qmodel.apply({**v, "params": p}, x) ** 2))(
                 v["params"]))
